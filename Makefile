@@ -1,0 +1,54 @@
+# cvmfs-userpub: the two commands that matter are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= var/userpub.toml
+APT_PACKAGES := curl lbzip2 pigz isal nginx prometheus squid
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast bench lint type check install deps system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the tests use (decompressors, nginx and prometheus as references/peers).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+deps: system-deps install
+
+$(CONFIG): | $(STAMP)
+	$(VENV)/bin/userpub init $(dir $(CONFIG))
+
+# Start the whole service of this host with the example configuration under ./var/.
+run: $(STAMP) $(CONFIG)
+	$(VENV)/bin/userpub --config $(CONFIG) run
+
+test: deps
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m 'not slow'
+
+bench: deps
+	$(PY) -m tests.bench
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+type: install
+	$(VENV)/bin/mypy
+
+check: lint type test
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,43 @@
+"""Repository backends behind one protocol; :func:`open_repository` picks one by configuration."""
+
+from __future__ import annotations
+
+from publisher.repositories.base import (
+    GcResult,
+    RemoveResult,
+    Repository,
+    RepositoryError,
+    RepositoryReader,
+    Transaction,
+)
+from publisher.repositories.local import LocalRepository
+from publisher.repositories.tree import TreeReader
+from userpub.config import Config, RepositoryConfig
+
+__all__ = ["GcResult", "LocalRepository", "RemoveResult", "Repository", "RepositoryError",
+           "RepositoryReader", "Transaction", "TreeReader", "open_reader", "open_repository"]
+
+
+def open_repository(config: Config, repo: RepositoryConfig) -> Repository:
+    """The writable backend of a repository hosted on this server."""
+    if repo.backend == "local":
+        assert repo.root is not None  # validated by the configuration
+        return LocalRepository(repo.name, repo.root, config.server.prefix, config.server.stamps,
+                               repo.mount, durable=config.publisher.durable)
+    raise NotImplementedError(f"backend {repo.backend!r} is not available yet")
+
+
+def open_reader(config: Config, repo: RepositoryConfig) -> RepositoryReader:
+    """The read-only view of any configured repository.
+
+    A replica (``replica = "/cvmfs2/<repo>"``) is read where configured; otherwise the
+    repository's own tree: ``root`` for the local backend, the ``mount`` for cvmfs-server.
+    """
+    prefix, stamps = config.server.prefix, config.server.stamps
+    if repo.replica is not None and not repo.is_hosted_on(config.server.name):
+        return TreeReader(repo.name, repo.replica, prefix, stamps, repo.mount)
+    if repo.backend == "local" and repo.root is not None:
+        return TreeReader(repo.name, repo.root, prefix, stamps, repo.mount)
+    from pathlib import Path
+
+    return TreeReader(repo.name, Path(repo.mount), prefix, stamps, repo.mount)

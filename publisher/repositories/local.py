@@ -1,0 +1,191 @@
+"""The ``local`` backend: a plain directory tree, each CID published by one atomic rename.
+
+A transaction unpacks every CID into a hidden staging directory on the same filesystem
+(``<root>/.userpub/staging/<txn>/``); on commit it optionally flushes the filesystem once
+(``durable``) and renames each staged tree to ``<root>/<prefix>/<cid>``. A reader therefore
+sees a CID either absent or complete. Removals rename a CID into ``.userpub/trash/`` (gone
+at once, atomically) and ``gc()`` deletes the trash later, when the disk is quiet: on this
+ext4 without a journal, creating files soon after a mass delete is many times slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from publisher.unpack import UnpackLimits, UnpackStats, unpack
+
+from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
+from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
+from spool.fsutil import fsync_dir, remove_tree, rename_noreplace, syncfs, tree_size
+from spool.queue import unique_id
+
+log = logging.getLogger("userpub.repository.local")
+
+WORK_DIR = ".userpub"
+
+
+class LocalRepository(TreeReader):
+    """A repository that is a directory on this host."""
+
+    def __init__(self, name: str, root: Path, prefix: str, stamps: str, mount: str,
+                 *, durable: bool = True) -> None:
+        super().__init__(name, root, prefix, stamps, mount)
+        self.durable = durable
+        self.work = root / WORK_DIR
+        self.staging = self.work / "staging"
+        self.trash = self.work / "trash"
+        self._last_trash_clean = 0.0
+
+    def ensure_layout(self) -> None:
+        """Create the repository's directories (idempotent)."""
+        for d in (self.cid_dir, self.stamps_dir, self.staging, self.trash):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def transaction(self) -> Iterator[LocalTransaction]:
+        """Stage changes; publish them on clean exit, discard them on an exception."""
+        self.ensure_layout()
+        txn = LocalTransaction(self, self.staging / unique_id())
+        try:
+            yield txn
+        except BaseException:
+            txn.abort()
+            raise
+        txn.commit()
+
+    def recover(self) -> None:
+        """Move staging leftovers of a crashed publisher to the trash."""
+        self.ensure_layout()
+        for leftover in list(self.staging.iterdir()):
+            log.warning("%s: discarding staging leftover %s", self.name, leftover.name)
+            self.move_to_trash(leftover)
+
+    def move_to_trash(self, path: Path) -> None:
+        """Take ``path`` out of sight at once; gc() deletes it later."""
+        os.rename(path, self.trash / unique_id())
+
+    def gc(self) -> GcResult:
+        """Delete the trash."""
+        start = time.monotonic()
+        freed = 0
+        for item in list(self.trash.iterdir()) if self.trash.is_dir() else []:
+            freed += tree_size(item)
+            remove_tree(item)
+        return GcResult(freed, time.monotonic() - start)
+
+    def idle(self, seconds_idle: float) -> None:
+        """After five quiet minutes, empty the trash (at most once an hour)."""
+        now = time.monotonic()
+        if seconds_idle >= 300 and now - self._last_trash_clean >= 3600:
+            self._last_trash_clean = now
+            if self.trash.is_dir() and any(self.trash.iterdir()):
+                result = self.gc()
+                log.info("%s: emptied trash, %d bytes", self.name, result.bytes_freed)
+
+
+class LocalTransaction:
+    """One batch of adds, stamps and removals of a :class:`LocalRepository`."""
+
+    def __init__(self, repo: LocalRepository, staging: Path) -> None:
+        self.repo = repo
+        self.staging = staging
+        self.staging.mkdir()
+        self._staged: list[tuple[str, Path]] = []
+        self._stamps: dict[str, str] = {}
+
+    def add(self, cid: str, payload: Path, submitter: str, limits: UnpackLimits) -> UnpackStats:
+        """Unpack ``payload`` into staging; visible only after commit."""
+        dest = self.staging / str(len(self._staged))
+        try:
+            stats = unpack(payload, dest, limits)
+        except BaseException:
+            if dest.exists():
+                self.repo.move_to_trash(dest)
+            raise
+        (dest / CATALOG_MARKER).touch()
+        (dest / PUBLISHER_RECORD).write_text(f"{submitter}\n")
+        self._staged.append((cid, dest))
+        return stats
+
+    def stamp(self, cids: Iterable[str], who: str) -> None:
+        """Stamp these CIDs at commit time."""
+        for cid in cids:
+            self._stamps[cid] = who
+
+    def remove(self, cids: Iterable[str], stamps: Iterable[str] = ()) -> RemoveResult:
+        """Remove CIDs (moved to the trash: gone for readers at once) and stamps."""
+        removed = removed_stamps = freed = 0
+        for cid in cids:
+            path = self.repo.path_of(cid)
+            if not path.is_dir():
+                continue
+            freed += tree_size(path)
+            self.repo.move_to_trash(path)
+            removed += 1
+            parent = path.parent
+            if parent != self.repo.cid_dir:
+                _remove_if_empty(parent)
+        for cid in stamps:
+            stamp = self.repo.stamps_dir / cid
+            try:
+                stamp.unlink()
+            except FileNotFoundError:
+                continue
+            removed_stamps += 1
+            if stamp.parent != self.repo.stamps_dir:
+                _remove_if_empty(stamp.parent)
+        return RemoveResult(removed, removed_stamps, freed)
+
+    def commit(self) -> None:
+        """Publish: flush once, then one rename per CID; write stamps."""
+        repo = self.repo
+        try:
+            if self._staged and repo.durable:
+                syncfs(self.staging)
+            parents: set[Path] = set()
+            for cid, staged in self._staged:
+                final = repo.path_of(cid)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    rename_noreplace(staged, final)
+                except FileExistsError:
+                    log.info("%s: %s was published meanwhile; keeping that copy", repo.name, cid)
+                    repo.move_to_trash(staged)
+                    continue
+                parents.add(final.parent)
+            for cid, who in self._stamps.items():
+                _write_stamp(repo.stamps_dir / cid, who)
+                parents.add((repo.stamps_dir / cid).parent)
+            if repo.durable:
+                for parent in parents:
+                    fsync_dir(parent)
+        except OSError as err:
+            raise RepositoryError(f"publish into {repo.name} failed: {err}") from err
+        finally:
+            if any(self.staging.iterdir()):
+                repo.move_to_trash(self.staging)
+            else:
+                self.staging.rmdir()
+
+    def abort(self) -> None:
+        """Discard everything staged."""
+        if self.staging.exists():
+            self.repo.move_to_trash(self.staging)
+
+
+def _write_stamp(path: Path, who: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{unique_id()}.tmp")
+    tmp.write_text(f"{who}\n")
+    os.replace(tmp, path)
+
+
+def _remove_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()

@@ -1,0 +1,212 @@
+"""The one ``userpub`` command: the only place that wires the stages together."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from userpub import __version__
+from userpub.cid import InvalidCid, validate_cid
+from userpub.config import Config, ConfigError, load_config, resolve_config_path
+from userpub.daemon import Fatal, Waker, install_signal_handlers, run_daemon
+
+log = logging.getLogger("userpub")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(resolve_config_path(args.config))
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def cmd_publisher(args: argparse.Namespace) -> int:
+    """Run the publisher of one repository hosted here."""
+    from prometheus_client import CollectorRegistry
+
+    from metrics import PublisherMetrics, SpoolCollector, serve_metrics, write_textfile
+    from publisher.catalog import Catalog
+    from publisher.daemon import Publisher
+    from publisher.repositories import open_repository
+    from spool import Spool
+
+    config = _config(args)
+    hosted = config.hosted
+    if args.repo is None:
+        if len(hosted) != 1:
+            names = ", ".join(r.name for r in hosted) or "none"
+            raise Fatal(f"--repo is required: this host ({config.server.name}) publishes {names}")
+        repo = hosted[0]
+    else:
+        try:
+            repo = config.repository(args.repo)
+        except KeyError:
+            raise Fatal(f"repository {args.repo!r} is not configured") from None
+        if not repo.is_hosted_on(config.server.name):
+            raise Fatal(f"repository {repo.name} is published by {repo.host}, "
+                        f"not by this server ({config.server.name})")
+    registry = CollectorRegistry()
+    metrics = PublisherMetrics(registry)
+    spool = Spool(config.server.spool)
+    registry.register(SpoolCollector(spool.depth))
+    waker = Waker()
+    install_signal_handlers(waker)
+    daemon = Publisher(config, repo, open_repository(config, repo), spool,
+                       Catalog.from_config(config), metrics, waker)
+    server = None
+    address = _publisher_metrics_address(config, repo.name)
+    if address and not args.once:
+        try:
+            server = serve_metrics(registry, address)
+        except OSError as err:
+            raise Fatal(f"cannot serve metrics on {address}: {err.strerror}") from None
+    try:
+        run_daemon(daemon, waker, once=args.once)
+    finally:
+        if server is not None:
+            server.close()
+        if args.metrics_textfile:
+            write_textfile(registry, Path(args.metrics_textfile))
+    return 0
+
+
+def _publisher_metrics_address(config: Config, repo: str) -> str | None:
+    from userpub.config import split_address
+
+    host, port = split_address(config.metrics.publisher_listen)
+    if port == 0:
+        return None
+    index = [r.name for r in config.hosted].index(repo)
+    return f"{host}:{port + index}"
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    """Copy a tarball into the spool atomically; print the CID."""
+    from spool import DropResult, Spool
+
+    config = _config(args)
+    if args.cid is not None:
+        validate_cid(args.cid)
+    source = Path(args.tarball)
+    if not source.is_file():
+        raise Fatal(f"{source}: not a file")
+    spool = Spool(config.server.spool)
+    spool.ensure_layout()
+    who = f"{os.environ.get('USER', 'operator')} (uid {os.getuid()}, userpub drop)"
+    cid, result = spool.drop_file(source, args.cid, who)
+    print(cid if result is DropResult.QUEUED else f"{cid} (already queued)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING."""
+    from publisher.catalog import Catalog
+    from spool import Spool, State
+
+    config = _config(args)
+    cid = validate_cid(args.cid)
+    status = Spool(config.server.spool).status(cid)
+    if status.state is State.QUEUED:
+        print("QUEUED")
+    elif status.state is State.PUBLISHING:
+        print("PUBLISHING")
+    elif (location := Catalog.from_config(config).locate(cid)) is not None:
+        print(f"PRESENT:{location.path}")
+    elif status.state is State.FAILED:
+        print(f"FAILED:{status.reason}")
+    else:
+        print("MISSING")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the configuration and print a summary."""
+    config = _config(args)
+    print(f"configuration {config.path} is valid; server {config.server.name}, "
+          f"hosting {', '.join(r.name for r in config.hosted) or 'no repository'}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write an example configuration for this host."""
+    from userpub.init import write_example_config
+
+    path = write_example_config(Path(args.directory))
+    print(f"export USERPUB_CONFIG={path.resolve()}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start every daemon of this host and keep them running."""
+    from userpub.supervisor import Supervisor, plan_children
+
+    config = _config(args)
+    waker = Waker()
+    install_signal_handlers(waker)
+    supervisor = Supervisor(plan_children(config, sys.executable), waker)
+    return supervisor.run()
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``userpub``."""
+    parser = argparse.ArgumentParser(prog="userpub", description=__doc__)
+    parser.add_argument("--config", help="configuration file (default: $USERPUB_CONFIG, "
+                                         "else /etc/userpub/userpub.toml)")
+    parser.add_argument("--log-level", default=os.environ.get("USERPUB_LOG_LEVEL", "info"))
+    parser.add_argument("--version", action="version", version=f"userpub {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str
+            ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("publisher", cmd_publisher, "publish spool entries into one repository hosted here")
+    p.add_argument("--repo", help="repository name (optional when this host publishes one)")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
+    p = add("drop", cmd_drop, "queue a tarball for publication (atomic)")
+    p.add_argument("tarball")
+    p.add_argument("--cid", help="content ID (default: the tarball's sha256)")
+    p = add("status", cmd_status, "where a CID stands")
+    p.add_argument("cid")
+    add("check-config", cmd_check_config, "validate the configuration")
+    add("run", cmd_run, "start all daemons of this host under one supervisor")
+    p = add("init", cmd_init, "write an example configuration (for trying things out)")
+    p.add_argument("directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, and turn startup problems into one ``fatal:`` line each."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        result: int = args.func(args)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"fatal: {problem}", file=sys.stderr)
+        return 1
+    except (Fatal, InvalidCid) as err:
+        print(f"fatal: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
