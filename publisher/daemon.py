@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from publisher.unpack import UnpackError, UnpackLimits, UnpackStats
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
@@ -24,6 +23,7 @@ from watchdog.observers.polling import PollingObserver
 from metrics import PublisherMetrics
 from publisher.catalog import Catalog
 from publisher.repositories import Repository
+from publisher.unpack import UnpackError, UnpackLimits, UnpackStats
 from spool import BadEntry, Entry, Kind, Spool
 from userpub.cid import is_ignored_name
 from userpub.config import Config, RepositoryConfig

@@ -18,10 +18,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from publisher.unpack import UnpackLimits, UnpackStats, unpack
-
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
+from publisher.unpack import UnpackLimits, UnpackStats, unpack
 from spool.fsutil import fsync_dir, remove_tree, rename_noreplace, syncfs, tree_size
 from spool.queue import unique_id
 

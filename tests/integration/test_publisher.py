@@ -30,9 +30,8 @@ def cid_dir(config, repo_index, cid):
 
 
 def start_publisher(config_path, repo, tmp_path, name=None):
-    d = Daemon(config_path, "publisher", "--repo", repo,
-               log=tmp_path / f"{name or repo}.{time.monotonic_ns()}.log")
-    return d
+    return Daemon(config_path, "publisher", "--repo", repo,
+                  log=tmp_path / f"{name or repo}.{time.monotonic_ns()}.log")
 
 
 def test_drop_is_published_with_content_marker_and_record(site, tmp_path):
