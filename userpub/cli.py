@@ -136,6 +136,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics_targets(args: argparse.Namespace) -> int:
+    """Print this host's Prometheus scrape targets."""
+    from userpub.targets import file_sd_json, scrape_targets
+
+    targets = scrape_targets(_config(args))
+    if args.json:
+        print(file_sd_json(targets))
+    else:
+        for target in targets:
+            print(target.address)
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Write an example configuration for this host."""
     from userpub.init import write_example_config
@@ -185,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cid")
     add("check-config", cmd_check_config, "validate the configuration")
     add("run", cmd_run, "start all daemons of this host under one supervisor")
+    p = add("metrics-targets", cmd_metrics_targets, "print this host's Prometheus scrape targets")
+    p.add_argument("--json", action="store_true", help="file-based service discovery JSON")
     p = add("init", cmd_init, "write an example configuration (for trying things out)")
     p.add_argument("directory")
     return parser
