@@ -22,9 +22,9 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
         for q in ("50", "95", "99")
     ]),
     ("Visible within 5 minutes (target 99%)", "percentunit", "stat", [
-        ("last hour", f'sum(rate(userpub_publish_latency_seconds_bucket{{{REPO},le="300"}}[1h]))'
+        ("last hour", f'sum(rate(userpub_publish_latency_seconds_bucket{{{REPO},le=~"300|300.0"}}[1h]))'
                       f" / sum(rate(userpub_publish_latency_seconds_count{{{REPO}}}[1h]))"),
-        ("last day", f'sum(rate(userpub_publish_latency_seconds_bucket{{{REPO},le="300"}}[1d]))'
+        ("last day", f'sum(rate(userpub_publish_latency_seconds_bucket{{{REPO},le=~"300|300.0"}}[1d]))'
                      f" / sum(rate(userpub_publish_latency_seconds_count{{{REPO}}}[1d]))"),
     ]),
     ("Fraction within 5 minutes by repository", "percentunit", "timeseries", [
@@ -32,10 +32,11 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
         ("target", "vector(0.99)"),
     ]),
     ("Queue depth", "short", "timeseries", [
-        ("{{state}} {{repository}}", "sum by (state, repository) (userpub_queue_entries)"),
+        ("{{state}} {{repository}}", "sum by (state, repository) "
+                                     "(max by (server, state, repository) (userpub_queue_entries))"),
     ]),
     ("Oldest waiting entry", "s", "timeseries", [
-        ("{{instance}}", "max by (instance) (userpub_queue_oldest_entry_age_seconds)"),
+        ("{{server}}", "max by (server) (userpub_queue_oldest_entry_age_seconds)"),
     ]),
     ("Publishes per minute", "short", "timeseries", [
         ("{{repository}} {{result}}", f"sum by (repository, result) "

@@ -121,12 +121,14 @@ class QueueDepth(Protocol):
 class SpoolCollector(Collector):
     """Queue depth computed from the spool directories at scrape time (it cannot drift).
 
-    ``read_depth(now)`` is the spool's ``depth`` method.
+    ``read_depth(now)`` is the spool's ``depth`` method; ``server`` names the host whose spool
+    it is (every process of a host reports the same spool: aggregate with ``max by (server)``).
     """
 
-    def __init__(self, read_depth: Callable[[float], QueueDepth],
+    def __init__(self, read_depth: Callable[[float], QueueDepth], server: str,
                  clock: Callable[[], float] = time.time) -> None:
         self.read_depth = read_depth
+        self.server = server
         self.clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -134,12 +136,14 @@ class SpoolCollector(Collector):
         depth = self.read_depth(self.clock())
         entries = GaugeMetricFamily("userpub_queue_entries",
                                     "Spool entries by state (active: per repository).",
-                                    labels=["state", "repository"])
-        entries.add_metric(["incoming", ""], depth.incoming)
-        entries.add_metric(["failed", ""], depth.failed)
+                                    labels=["server", "state", "repository"])
+        entries.add_metric([self.server, "incoming", ""], depth.incoming)
+        entries.add_metric([self.server, "failed", ""], depth.failed)
         for repo, count in sorted(depth.active.items()):
-            entries.add_metric(["active", repo], count)
+            entries.add_metric([self.server, "active", repo], count)
         yield entries
-        yield GaugeMetricFamily("userpub_queue_oldest_entry_age_seconds",
-                                "Age of the oldest entry waiting in incoming/ (0 when empty).",
-                                value=depth.oldest_incoming_age)
+        oldest = GaugeMetricFamily("userpub_queue_oldest_entry_age_seconds",
+                                   "Age of the oldest entry waiting in incoming/ (0 when empty).",
+                                   labels=["server"])
+        oldest.add_metric([self.server], depth.oldest_incoming_age)
+        yield oldest

@@ -31,6 +31,10 @@ from userpub.daemon import Waker
 
 log = logging.getLogger("userpub.publisher")
 
+# Why entries fail (the ``reason`` label): a bad or hostile tarball, an unreadable spool
+# entry, or a backend that kept failing until max_attempts.
+FAILURE_REASONS = ("invalid_tarball", "bad_entry", "backend")
+
 
 def lock_path(config: Config, repo: str) -> Path:
     """The lifetime lock of ``repo``'s publisher."""
@@ -85,6 +89,18 @@ class Publisher:
         self.attempts: dict[str, int] = defaultdict(int)
         self.consecutive_errors = 0
         self.idle_since = time.monotonic()
+        self._declare_series()
+
+    def _declare_series(self) -> None:
+        """Create every labelled series at zero, so rates work from the first scrape."""
+        m, name = self.metrics, self.repo.name
+        for metric in (m.latency, m.files, m.bytes, m.batch_size, m.transaction_seconds,
+                       m.stamps, m.lock_held):
+            metric.labels(name)
+        for result in ("published", "present", "stamped", "failed", "retried"):
+            m.publishes.labels(name, result)
+        for reason in FAILURE_REASONS:
+            m.failures.labels(name, reason)
 
     # -- lifecycle -------------------------------------------------------------------------
 

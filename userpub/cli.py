@@ -57,7 +57,7 @@ def cmd_publisher(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     metrics = PublisherMetrics(registry)
     spool = Spool(config.server.spool)
-    registry.register(SpoolCollector(spool.depth))
+    registry.register(SpoolCollector(spool.depth, config.server.name))
     waker = Waker()
     install_signal_handlers(waker)
     daemon = Publisher(config, repo, open_repository(config, repo), spool,
