@@ -1,0 +1,238 @@
+"""cheroot connection and request classes with the behaviour an upload service needs.
+
+* The TLS handshake runs in the worker thread (``GridConnection.communicate``), not in
+  cheroot's single accept loop, so a client that connects and stays silent cannot stall
+  everybody else for ``socket_timeout`` seconds.
+* ``Expect: 100-continue`` is answered only when the application starts reading the body, so
+  a request refused before that (403, 400, 413, 507) costs the client no upload.
+* Request bodies are read in bounded pieces: chunked bodies by :class:`ChunkedReader` (cheroot's
+  reader holds a whole chunk in memory, however large the client made it), and bodies left
+  unread are drained 1 MiB at a time (cheroot reads them in one allocation) -- or the
+  connection is closed, when the client has not sent them or they are chunked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from cheroot import server as cheroot_server
+
+log = logging.getLogger("userpub.ingest")
+
+DRAIN_CHUNK = 1 << 20
+MAX_LINE = 4096
+MAX_TRAILERS = 64
+TOO_LARGE = "Request Entity Too Large"
+
+
+class ChunkedReader:
+    """De-chunks a request body; never holds more than the caller asked for."""
+
+    def __init__(self, rfile: Any, maxlen: int) -> None:
+        self.rfile = rfile
+        self.maxlen = maxlen
+        self.left = 0  # bytes left in the current chunk
+        self.total = 0
+        self.done = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the last chunk (and the trailers) were read."""
+        return self.done
+
+    def _line(self) -> bytes:
+        line: bytes = self.rfile.readline(MAX_LINE)
+        if not line.endswith(b"\n"):
+            raise ValueError("truncated chunked body" if len(line) < MAX_LINE
+                             else "chunk header line too long")
+        return line
+
+    def _next_chunk(self) -> None:
+        size_text = self._line().split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise ValueError(f"bad chunk size {size_text[:20]!r}") from None
+        if size < 0:
+            raise ValueError("negative chunk size")
+        if size == 0:
+            for _ in range(MAX_TRAILERS):
+                if self._line() in (b"\r\n", b"\n"):
+                    self.done = True
+                    return
+            raise ValueError("too many trailer lines")
+        self.left = size
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` body bytes (b'' at the end); ValueError/OSError on a bad body."""
+        if size is None or size < 0:
+            parts = []
+            while part := self.read(DRAIN_CHUNK):
+                parts.append(part)
+            return b"".join(parts)
+        if self.done or size == 0:
+            return b""
+        if self.left == 0:
+            self._next_chunk()
+            if self.done:
+                return b""
+        data: bytes = self.rfile.read(min(size, self.left))
+        if not data:
+            raise ValueError("truncated chunked body")
+        self.left -= len(data)
+        self.total += len(data)
+        if self.maxlen and self.total > self.maxlen:
+            raise OSError(TOO_LARGE)
+        if self.left == 0 and self.rfile.read(2) != b"\r\n":
+            raise ValueError("chunk not followed by CRLF")
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """A line of the body (slow; the API never reads bodies by line)."""
+        out = bytearray()
+        while size is None or size < 0 or len(out) < size:
+            byte = self.read(1)
+            out += byte
+            if not byte or byte == b"\n":
+                break
+        return bytes(out)
+
+
+class _ContinueOnRead:
+    """Wraps the connection's reader: sends ``100 Continue`` before the first body read."""
+
+    def __init__(self, rfile: Any, request: GridRequest) -> None:
+        self._rfile = rfile
+        self._request = request
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._request.send_continue()
+        data: bytes = self._rfile.read(size)
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self._request.send_continue()
+        data: bytes = self._rfile.readline(size)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rfile, name)
+
+
+class GridRequest(cheroot_server.HTTPRequest):
+    """HTTPRequest with lazy 100-continue, a bounded chunked reader and bounded draining."""
+
+    expect_continue = False
+    continue_sent = False
+    body_limit = 0  # bytes; 0 = unlimited (set per server by connection_class)
+
+    def read_request_headers(self) -> bool:
+        """Read headers; take ``Expect: 100-continue`` away from cheroot (answered lazily)."""
+        reader = self.header_reader
+
+        def read_headers(rfile: Any, hdict: dict[bytes, bytes]) -> dict[bytes, bytes]:
+            out: dict[bytes, bytes] = reader(rfile, hdict)
+            if out.get(b"Expect", b"").strip().lower() == b"100-continue":
+                del out[b"Expect"]
+                self.expect_continue = True
+            return out
+
+        self.header_reader = read_headers
+        try:
+            ok: bool = super().read_request_headers()  # type: ignore[no-untyped-call]
+        finally:
+            del self.header_reader
+        return ok
+
+    def send_continue(self) -> None:
+        """Tell a waiting client to send its body (once)."""
+        if self.expect_continue and not self.continue_sent:
+            self.continue_sent = True
+            # A broken connection is reported by the read that follows.
+            with contextlib.suppress(OSError):
+                self.conn.wfile.write(f"{self.server.protocol} 100 Continue\r\n\r\n".encode())
+
+    def respond(self) -> None:
+        """cheroot's respond(), with our readers for the body."""
+        source = _ContinueOnRead(self.conn.rfile, self) if self.expect_continue \
+            else self.conn.rfile
+        if self.chunked_read:
+            self.rfile = ChunkedReader(source, self.body_limit)
+        else:
+            length = int(self.inheaders.get(b"Content-Length", 0))
+            self.rfile = cheroot_server.KnownLengthRFile(source, length)
+        self.server.gateway(self).respond()
+        if self.ready:
+            self.ensure_headers_sent()
+        if self.chunked_write:
+            self.conn.wfile.write(b"0\r\n\r\n")
+
+    def send_headers(self) -> None:
+        """Close rather than read a body never sent (or chunked); drain others piecewise."""
+        for key, value in self.outheaders:
+            if key.lower() == b"connection" and value.strip().lower() == b"close":
+                self.close_connection = True
+        if self.expect_continue and not self.continue_sent:
+            self.close_connection = True
+        if self.chunked_read and not getattr(self.rfile, "done", True):
+            self.close_connection = True
+        rfile = self.rfile
+        if self.body_limit and getattr(rfile, "remaining", 0) > self.body_limit:
+            self.close_connection = True
+        if not self.close_connection and not self.chunked_read:
+            while getattr(rfile, "remaining", 0) > 0:
+                if not rfile.read(min(rfile.remaining, DRAIN_CHUNK)):
+                    self.close_connection = True
+                    break
+        super().send_headers()
+
+
+def handshake_problem(err: OSError) -> tuple[str, bool]:
+    """(one-line reason of a failed handshake, whether the client certificate was refused)."""
+    verify = getattr(err, "verify_message", None)
+    reason = getattr(err, "reason", None) or err.strerror or str(err) or type(err).__name__
+    text = f"{reason}: {verify}" if verify else str(reason)
+    return text, bool(verify) or "CERTIFICATE" in text.upper()
+
+
+class GridConnection(cheroot_server.HTTPConnection):
+    """An HTTP connection whose TLS handshake happens here, in a worker thread."""
+
+    RequestHandlerClass = GridRequest
+    handshaken = False
+    on_handshake_failure: Callable[[str, str, bool], None] | None = None
+
+    def communicate(self) -> bool:
+        """Handshake (first time only), then serve one request; False closes."""
+        if not self.handshaken and isinstance(self.socket, ssl.SSLSocket):
+            try:
+                self.socket.do_handshake()
+                self.ssl_env = self.server.ssl_adapter.get_environ(self.socket)
+            except OSError as err:
+                reason, bad_cert = handshake_problem(err)
+                log.info("%s TLS handshake failed: %s", self.remote_addr, reason)
+                if self.on_handshake_failure is not None:
+                    self.on_handshake_failure(str(self.remote_addr), reason, bad_cert)
+                return False
+            self.handshaken = True
+        keep: bool = super().communicate()  # type: ignore[no-untyped-call]
+        return keep
+
+
+def connection_class(on_handshake_failure: Callable[[str, str, bool], None] | None,
+                     body_limit: int) -> type[GridConnection]:
+    """A GridConnection subclass for one server.
+
+    Failed handshakes are reported to ``on_handshake_failure``; chunked bodies over
+    ``body_limit`` bytes fail with ``OSError("Request Entity Too Large")``, and unread bodies
+    over it are not drained (the connection is closed). Content-Length is for the app to check.
+    """
+    request = type("IngestRequest", (GridRequest,), {"body_limit": body_limit})
+    attributes: dict[str, Any] = {"RequestHandlerClass": request}
+    if on_handshake_failure is not None:
+        attributes["on_handshake_failure"] = staticmethod(on_handshake_failure)
+    return type("IngestConnection", (GridConnection,), attributes)

@@ -1,0 +1,301 @@
+"""The ingest process: cheroot over TLS (grid proxies allowed), plus an optional plain listener.
+
+The builtin TLS adapter is extended to expose the verified client chain as
+``SSL_CLIENT_CERT_CHAIN_<n>`` (leaf first; cheroot gives the application only the leaf) and to
+leave the handshake to the worker thread (see :mod:`ingest.connection`).
+The SSL context is rebuilt every ``context_reload_seconds``: a running context never sees a
+CRL updated on disk. ``run_ingest`` is the entry point of ``userpub ingest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cheroot import errors as cheroot_errors
+from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+from prometheus_client import CollectorRegistry
+
+from ingest.app import make_app, make_plain_app
+from ingest.auth import CHAIN_PREFIX, Authenticator
+from ingest.connection import connection_class
+from metrics import IngestMetrics
+from publisher.catalog import Catalog
+from spool import Spool
+from userpub.config import Config, IngestConfig, split_address
+from userpub.daemon import Fatal, Waker
+
+log = logging.getLogger("userpub.ingest")
+
+PLAIN_MAX_BODY = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+def build_context(cfg: IngestConfig) -> ssl.SSLContext:
+    """The server SSL context: TLS >= 1.2, no renegotiation, optional client certs, proxies."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    try:
+        ctx.load_cert_chain(str(cfg.certificate), str(cfg.key))
+    except OSError as err:
+        reason = err.strerror if err.strerror else (getattr(err, "reason", None) or str(err))
+        raise Fatal(f"cannot load host certificate {cfg.certificate} with key {cfg.key}: "
+                    f"{reason}") from None
+    if not cfg.ca_dir.is_dir():
+        raise Fatal(f"ca_dir {cfg.ca_dir}: not a directory")
+    ctx.load_verify_locations(capath=str(cfg.ca_dir))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
+    if cfg.crl_check:
+        if not any(cfg.ca_dir.glob("*.r[0-9]")):
+            raise Fatal(f"crl_check is on but {cfg.ca_dir} holds no CRL (<hash>.r0)")
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+    return ctx
+
+
+def verified_chain(sock: ssl.SSLSocket) -> list[bytes]:
+    """DER certificates of the verified peer chain, leaf first ([] without a client cert)."""
+    public = getattr(sock, "get_verified_chain", None)
+    if public is not None:  # Python >= 3.13
+        return [bytes(c) for c in public() or ()]
+    private = getattr(sock, "_sslobj").get_verified_chain()  # noqa: B009 (3.10-3.12, private)
+    der = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009
+    return [c.public_bytes(der) for c in private or ()]
+
+
+class GridSSLAdapter(BuiltinSSLAdapter):
+    """cheroot's builtin adapter, exposing the verified chain, handshaking in the worker."""
+
+    def __init__(self, cfg: IngestConfig) -> None:
+        context = build_context(cfg)
+        super().__init__(str(cfg.certificate), str(cfg.key))
+        self.context = context
+
+    def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, Any]]:
+        """Wrap without handshaking: the worker thread does that (see GridConnection)."""
+        try:
+            return self.context.wrap_socket(sock, server_side=True,
+                                            do_handshake_on_connect=False), {}
+        except OSError as err:
+            raise cheroot_errors.FatalSSLAlert(*err.args) from err
+
+    def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:  # type: ignore[override]
+        """cheroot's TLS variables plus ``SSL_CLIENT_CERT_CHAIN_<n>`` (PEM, leaf first)."""
+        env: dict[str, Any] = super().get_environ(sock)  # type: ignore[no-untyped-call]
+        for n, der in enumerate(verified_chain(sock)):
+            env[f"{CHAIN_PREFIX}{n}"] = ssl.DER_cert_to_PEM_cert(der)
+        return env
+
+
+# -- the process ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The addresses actually listened on (ports resolved when configured as 0)."""
+
+    https: tuple[str, int]
+    http: tuple[str, int] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as written to the ready file."""
+        return {"https": _join(self.https), "http": _join(self.http) if self.http else None,
+                "pid": os.getpid()}
+
+
+def _join(address: tuple[str, int]) -> str:
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_bindable(address: tuple[str, int], label: str) -> None:
+    """A one-line Fatal if ``address`` cannot be bound (cheroot's own message is long)."""
+    try:
+        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise Fatal(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as err:
+            raise Fatal(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
+
+
+class IngestServer:
+    """The HTTPS API server and the optional plain-HTTP one, started and stopped together."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry, *,
+                 metrics: IngestMetrics | None = None,
+                 authenticator: Authenticator | None = None) -> None:
+        if config.ingest is None:
+            raise Fatal(f"{config.path}: no [ingest] section")
+        self.config = config
+        self.cfg: IngestConfig = config.ingest
+        self.registry = registry
+        self.metrics = metrics or IngestMetrics(registry)
+        self.authenticator = authenticator or Authenticator.from_config(self.cfg)
+        self.servers: list[tuple[str, wsgi.Server]] = []
+        self.threads: list[threading.Thread] = []
+        self.failure: BaseException | None = None
+        self.adapter: GridSSLAdapter | None = None
+
+    def _server(self, address: tuple[str, int], app: Any, threads: int, body_limit: int
+                ) -> wsgi.Server:
+        timeout = max(1, round(self.cfg.socket_timeout))
+        srv = wsgi.Server(address, app, numthreads=threads, timeout=timeout,
+                          shutdown_timeout=timeout, request_queue_size=128, server_name="userpub")
+        srv.ConnectionClass = connection_class(self._handshake_failed, body_limit)
+        srv.max_request_header_size = MAX_HEADER_BYTES
+        # 0: cheroot must not answer 413 itself (no log line, no metrics); the app checks
+        # Content-Length and the connection classes bound chunked and unread bodies.
+        srv.max_request_body_size = 0
+        return srv
+
+    def _handshake_failed(self, client: str, reason: str, bad_certificate: bool) -> None:
+        if bad_certificate:
+            self.metrics.auth_failures.labels("bad_certificate").inc()
+
+    def start(self) -> Bound:
+        """Check everything, bind, and serve in background threads; Fatal on any problem."""
+        spool = Spool(self.config.server.spool)
+        try:
+            spool.ensure_layout()
+        except OSError as err:
+            raise Fatal(f"spool {spool.root}: {err.strerror}") from None
+        try:
+            entries = self.authenticator.gridmap.load()
+            log.info("grid-mapfile %s: %d entries", self.cfg.grid_mapfile, entries)
+        except FileNotFoundError:
+            log.warning("grid-mapfile %s not found: no certificate is authorized until it "
+                        "exists", self.cfg.grid_mapfile)
+        except OSError as err:
+            raise Fatal(f"grid-mapfile {self.cfg.grid_mapfile}: {err.strerror}") from None
+        self.adapter = GridSSLAdapter(self.cfg)
+        catalog = Catalog.from_config(self.config)
+        app = make_app(self.config, spool, catalog, self.metrics, self.authenticator)
+        https = self._server(split_address(self.cfg.listen), app, self.cfg.threads,
+                             self.cfg.max_upload_bytes)
+        https.ssl_adapter = self.adapter
+        self.servers.append(("https", https))
+        if self.cfg.http_listen:
+            plain = self._server(split_address(self.cfg.http_listen),
+                                 make_plain_app(self.config, self.metrics, self.registry), 4,
+                                 PLAIN_MAX_BODY)
+            self.servers.append(("http", plain))
+        try:
+            for label, srv in self.servers:
+                _check_bindable(srv.bind_addr, label)
+                try:
+                    srv.prepare()
+                except OSError as err:
+                    raise Fatal(f"cannot listen on {label} {_join(srv.bind_addr)}: "
+                                f"{_last_error(str(err))}") from None
+        except BaseException:
+            self.stop()
+            raise
+        for label, srv in self.servers:
+            thread = threading.Thread(target=self._serve, args=(srv,), name=f"ingest-{label}")
+            thread.start()
+            self.threads.append(thread)
+        bound = Bound(self.servers[0][1].bind_addr,
+                      self.servers[1][1].bind_addr if len(self.servers) > 1 else None)
+        log.info("listening on https://%s%s", _join(bound.https),
+                 f" and http://{_join(bound.http)}" if bound.http else "")
+        return bound
+
+    def _serve(self, srv: wsgi.Server) -> None:
+        try:
+            srv.serve()
+        except BaseException as err:  # a dead listener must take the process down
+            self.failure = err
+            log.exception("listener failed")
+
+    def check(self) -> None:
+        """Raise if a listener died."""
+        if self.failure is not None:
+            raise RuntimeError(f"listener failed: {self.failure!r}")
+
+    def reload_tls(self) -> None:
+        """Rebuild the SSL context (new CRLs, renewed host certificate) for new connections."""
+        if self.adapter is None:
+            return
+        try:
+            self.adapter.context = build_context(self.cfg)
+        except Fatal as err:
+            log.error("keeping the previous TLS context: %s", err)
+            return
+        log.info("TLS context reloaded")
+
+    def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to socket_timeout), join threads."""
+        for _, srv in reversed(self.servers):
+            if srv.ready:
+                srv.stop()
+        for thread in self.threads:
+            thread.join()
+        self.servers.clear()
+        self.threads.clear()
+
+    def __enter__(self) -> IngestServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _last_error(message: str) -> str:
+    found = re.findall(r"\[Errno \d+\] ([^)]+)", message)
+    return found[-1] if found else message
+
+
+def write_ready_file(path: Path, bound: Bound) -> None:
+    """Atomically write the bound addresses as JSON (for tests and supervisors)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(bound.as_dict()) + "\n")
+    os.replace(tmp, path)
+
+
+def run_ingest(config: Config, waker: Waker, registry: CollectorRegistry, *,
+               ready_file: Path | None = None) -> None:
+    """Serve the API until ``waker`` is stopped; Fatal (one line) on startup problems.
+
+    On stop, the listeners close at once and requests in flight get up to ``socket_timeout``
+    seconds to finish. ``ready_file`` receives ``{"https": "host:port", "http": ..., "pid":
+    ...}`` once both listeners accept connections.
+    """
+    server = IngestServer(config, registry)
+    bound = server.start()
+    try:
+        if ready_file is not None:
+            write_ready_file(ready_file, bound)
+        assert server.cfg is not None
+        period = server.cfg.context_reload_seconds
+        next_reload = time.monotonic() + period
+        while not waker.stopped:
+            waker.wait(max(0.0, min(1.0, next_reload - time.monotonic())))
+            server.check()
+            if time.monotonic() >= next_reload:
+                server.reload_tls()
+                next_reload = time.monotonic() + period
+        log.info("stopping: no new connections; finishing requests in flight")
+    finally:
+        server.stop()
+    log.info("stopped")
