@@ -39,8 +39,8 @@ class ServerConfig:
     """``[server]``: this host and its working directories."""
 
     name: str
-    spool: Path
-    state: Path
+    spool: Path = Path("var/spool")
+    state: Path = Path("var/state")
     prefix: str = "sw"
     stamps: str = "ts"
 
@@ -261,8 +261,8 @@ def _name_problem(value: str) -> str | None:
 
 def _parse_server(sec: _Section) -> ServerConfig:
     name = sec.string("name", socket.gethostname().split(".")[0], _name_problem)
-    spool = sec.path("spool", sec.base / "var/spool")
-    state = sec.path("state", sec.base / "var/state")
+    spool = sec.path("spool", (sec.base / ServerConfig.spool).resolve())
+    state = sec.path("state", (sec.base / ServerConfig.state).resolve())
     prefix = sec.string("prefix", "sw", _name_problem)
     stamps = sec.string("stamps", "ts", _name_problem)
     if prefix == stamps:

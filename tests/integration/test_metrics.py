@@ -43,7 +43,8 @@ def test_rules_file_is_valid():
 
 def test_committed_dashboard_is_the_built_one():
     committed = json.loads((ROOT / "metrics" / "dashboards" / "userpub.json").read_text())
-    assert committed == build_dashboard(), "run: python -m metrics.dashboard > metrics/dashboards/userpub.json"
+    hint = "regenerate: python -m metrics.dashboard > metrics/dashboards/userpub.json"
+    assert committed == build_dashboard(), hint
     variables = {v["name"]: v for v in committed["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["repository"]["includeAll"]
