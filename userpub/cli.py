@@ -169,6 +169,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return supervisor.run()
 
 
+def cmd_client(args: argparse.Namespace) -> int:
+    """Talk to the ingest servers as a grid user (publish, exists, update, status, config)."""
+    from userpub.client_cli import run_client
+
+    return run_client(args)
+
+
+def cmd_cid(args: argparse.Namespace) -> int:
+    """Print the CID of a tarball."""
+    from userpub.client_cli import run_cid
+
+    return run_cid(args)
+
+
+def cmd_tar(args: argparse.Namespace) -> int:
+    """Make a reproducible tarball of a directory."""
+    from userpub.client_cli import run_tar
+
+    return run_tar(args)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait on a worker node until a CID is visible under /cvmfs."""
+    from userpub.client_cli import run_wait
+
+    return run_wait(args)
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -202,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="file-based service discovery JSON")
     p = add("init", cmd_init, "write an example configuration (for trying things out)")
     p.add_argument("directory")
+    from userpub import client_cli
+
+    client_cli.add_client_parser(add("client", cmd_client, "grid user's client of the servers"))
+    client_cli.add_cid_parser(add("cid", cmd_cid, "print a tarball's CID (GROUP/<sha256>)"))
+    client_cli.add_tar_parser(add("tar", cmd_tar, "make a reproducible tarball of a directory"))
+    client_cli.add_wait_parser(add("wait", cmd_wait, "wait until a CID is visible under /cvmfs"))
     return parser
 
 
