@@ -298,10 +298,9 @@ class Spool:
         name = entry_name(cid, Kind.PUBLISH)
         if self._has(self.incoming, name):
             return CidStatus(State.QUEUED)
-        if self.active.is_dir():
-            for repo_dir in self.active.iterdir():
-                if self._has(repo_dir, name):
-                    return CidStatus(State.PUBLISHING)
+        if self.is_active(name) or (self.active.is_dir() and any(
+                self._has(repo_dir, name) for repo_dir in self.active.iterdir())):
+            return CidStatus(State.PUBLISHING)
         failed = self.failed / name
         if failed.is_dir():
             try:
@@ -326,6 +325,14 @@ class Spool:
         failed = sum(1 for p in self.failed.iterdir() if not is_ignored_name(p.name)) \
             if self.failed.is_dir() else 0
         return Depth(len(incoming), active, failed, oldest)
+
+    def is_active(self, name: str) -> bool:
+        """True when an entry called ``name`` is claimed by some publisher."""
+        try:
+            repos = os.listdir(self.active)
+        except FileNotFoundError:
+            return False
+        return any(os.path.lexists(self.active / repo / name) for repo in repos)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -381,7 +388,7 @@ class EntryWriter:
         return self._hash.hexdigest()
 
     def commit(self) -> DropResult:
-        """Make the entry durable and visible; DUPLICATE (and nothing kept) if already queued."""
+        """Make the entry durable and visible; DUPLICATE (nothing kept) if queued or publishing."""
         if self._fd is not None:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -389,10 +396,14 @@ class EntryWriter:
         meta = {"cid": validate_cid(self.cid), "kind": self.kind.value,
                 "submitter": self.submitter, "size": self.size, "sha256": self.sha256,
                 "queued_at": time.time()}
+        name = entry_name(self.cid, self.kind)
+        if self.spool.is_active(name):
+            self.discard()  # being published right now: the same CID is not queued twice
+            return DropResult.DUPLICATE
         _write_json(self.dir / META, meta)
         fsync_dir(self.dir)
         try:
-            rename_noreplace(self.dir, self.spool.incoming / entry_name(self.cid, self.kind))
+            rename_noreplace(self.dir, self.spool.incoming / name)
         except FileExistsError:
             self.discard()
             return DropResult.DUPLICATE

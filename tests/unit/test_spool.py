@@ -104,13 +104,24 @@ def test_complete_and_release(spool):
     assert list(spool.iter_active("r1")) == []
 
 
-def test_release_when_the_cid_was_dropped_again(spool):
+def test_drop_while_publishing_is_a_duplicate(spool):
     drop(spool, "a", b"old")
     entry = spool.read_entry(spool.claim(spool.list_incoming()[0], "r1"))
-    drop(spool, "a", b"new")
+    assert drop(spool, "a", b"new") is DropResult.DUPLICATE
+    assert list(spool.tmp.iterdir()) == []
     spool.release(entry)
     [path] = spool.list_incoming()
-    assert spool.read_entry(path).payload.read_bytes() == b"new"
+    assert spool.read_entry(path).payload.read_bytes() == b"old"
+
+
+def test_release_when_an_operator_dropped_the_cid_meanwhile(spool):
+    drop(spool, "a", b"old")
+    entry = spool.read_entry(spool.claim(spool.list_incoming()[0], "r1"))
+    (spool.incoming / "a").write_bytes(b"operator's")  # a plain file bypasses every check
+    spool.release(entry)
+    [path] = spool.list_incoming()
+    assert spool.read_entry(path).payload.read_bytes() == b"operator's"
+    assert list(spool.iter_active("r1")) == []
 
 
 def test_recover_returns_claimed_entries_of_one_repo_only(spool):
