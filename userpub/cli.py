@@ -89,6 +89,43 @@ def _publisher_metrics_address(config: Config, repo: str) -> str | None:
     return f"{host}:{port + index}"
 
 
+def cmd_janitor(args: argparse.Namespace) -> int:
+    """Run the cleanup rota, or one cleanup now (``--now``), or show what would go."""
+    from prometheus_client import CollectorRegistry
+
+    from janitor.daemon import Janitor, parse_time, run_dry, run_now
+    from metrics import JanitorMetrics, serve_metrics, write_textfile
+    from userpub.config import split_address
+
+    config = _config(args)
+    as_of = parse_time(args.as_of) if args.as_of else None
+    if args.dry_run:
+        return run_dry(config, args.repo, as_of, sys.stdout)
+    if not args.now and (args.repo or as_of is not None):
+        raise Fatal("--repo and --as-of need --now or --dry-run")
+    registry = CollectorRegistry()
+    metrics = JanitorMetrics(registry)
+    waker = Waker()
+    install_signal_handlers(waker)
+    server = None
+    try:
+        if args.now:
+            return run_now(config, args.repo, as_of, metrics, waker)
+        if split_address(config.metrics.janitor_listen)[1] and not args.once:
+            try:
+                server = serve_metrics(registry, config.metrics.janitor_listen)
+            except OSError as err:
+                raise Fatal(f"cannot serve metrics on {config.metrics.janitor_listen}: "
+                            f"{err.strerror}") from None
+        run_daemon(Janitor(config, metrics, waker), waker, once=args.once)
+        return 0
+    finally:
+        if server is not None:
+            server.close()
+        if args.metrics_textfile:
+            write_textfile(registry, Path(args.metrics_textfile))
+
+
 def cmd_drop(args: argparse.Namespace) -> int:
     """Copy a tarball into the spool atomically; print the CID."""
     from spool import DropResult, Spool
@@ -218,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("publisher", cmd_publisher, "publish spool entries into one repository hosted here")
     p.add_argument("--repo", help="repository name (optional when this host publishes one)")
     p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
+    p = add("janitor", cmd_janitor, "remove unused code: the hourly rota, or one cleanup now")
+    p.add_argument("--now", action="store_true", help="clean now (--repo, or every hosted one)")
+    p.add_argument("--repo", help="repository to clean or inspect (with --now or --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="print what would go and why; no change")
+    p.add_argument("--as-of", help="judge ages as if it were this ISO 8601 time")
+    p.add_argument("--once", action="store_true", help="run what the rota has due, then exit")
     p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
     p = add("drop", cmd_drop, "queue a tarball for publication (atomic)")
     p.add_argument("tarball")

@@ -1,0 +1,317 @@
+"""One cleanup of one repository: judge, re-check, remove in one transaction, collect garbage.
+
+A CID expires when the newest of its publish time and all its stamps, across **all** configured
+repositories (:meth:`publisher.catalog.Catalog.last_access`), is older than ``max_days`` before
+``as_of``. A stamp whose CID is in no repository any more goes too.
+
+Locking and safety (:func:`clean`):
+
+1. The janitor takes the repository's *transaction* lock (the one every publish of that
+   repository takes; never the publisher's lifetime lock) and holds it for the whole cleanup:
+   that repository's publishing waits, the others go on.
+2. Under the lock it records ``scan_started`` and scans. The repository's own publisher is
+   excluded, so nothing of this repository changes until the lock is released.
+3. Other repositories' publishers keep running and may stamp (or publish) a CID of this
+   repository at any moment. So each candidate is judged again with fresh ``stat`` calls right
+   before its removal, and it goes only if its last access is still older than both the cutoff
+   and ``scan_started``: a CID published or stamped after the scan began is never removed, even
+   when ``as_of`` lies in the future. (The window left is the microseconds between that re-check
+   and the rename; closing it needs the other publisher to re-check presence under its own lock.)
+4. All removals happen in one transaction; the local backend removes a CID by one rename into
+   its trash, so a crash (even ``kill -9``) leaves each CID fully there or fully gone, and the
+   next cleanup (``recover()`` under the same lock, then ``gc()``) disposes of the leftovers.
+5. ``gc()`` runs under the lock, as the backend's contract demands (``cvmfs_server gc`` needs
+   no open transaction). After the lock is released, one ``syncfs``: on ext4 without a journal,
+   freshly freed inodes are skipped by the allocator for 60 s, or 360 s while their inode-table
+   blocks are dirty, which makes file creation many times slower; the flush shortens that
+   window for the publishes that follow without holding publishing up while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from filelock import FileLock, Timeout
+
+from janitor.spoolclean import SpoolItem, expired_failed, remove_failed, stale_tmp
+from publisher.catalog import Catalog
+from publisher.daemon import transaction_lock_path
+from publisher.repositories import Repository, RepositoryReader, open_reader, open_repository
+from publisher.repositories.tree import TreeReader
+from spool import Spool
+from spool.fsutil import syncfs
+from userpub.config import Config
+
+log = logging.getLogger("userpub.janitor")
+
+__all__ = ["CleanupError", "CleanupResult", "Expired", "Judgement", "Preview", "clean",
+           "format_preview", "iso_time", "judge", "preview"]
+
+DAY = 86400.0
+HOUR = 3600.0
+
+
+class CleanupError(Exception):
+    """A cleanup cannot run safely (a repository is not hosted here, or unreadable)."""
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A CID judged expired, with its newest access across all repositories."""
+
+    cid: str
+    last_access: float
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What a scan of one repository found."""
+
+    repository: str
+    as_of: float
+    cutoff: float  # CIDs last used before this expire...
+    not_after: float  # ...and nothing used at or after this (the scan's start) ever does
+    scanned: int
+    expired: tuple[Expired, ...]
+    orphan_stamps: tuple[str, ...]  # stamps here whose CID is (or will be) in no repository
+
+    def is_expired(self, last_access: float | None) -> bool:
+        """True when a CID last used at ``last_access`` may go."""
+        return last_access is not None and last_access < min(self.cutoff, self.not_after)
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """What one cleanup did (``completed`` is False when a stop request cut it short)."""
+
+    repository: str
+    started: float
+    duration: float
+    cids: int = 0
+    stamps: int = 0
+    bytes_freed: int = 0
+    spared: int = 0  # expired at the scan, used again before their removal
+    failed_entries: int = 0
+    tmp_entries: int = 0
+    completed: bool = True
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What a cleanup would remove (a dry run)."""
+
+    judgement: Judgement
+    sizes: dict[str, int] = field(default_factory=dict)
+    failed: tuple[SpoolItem, ...] = ()
+    tmp: tuple[SpoolItem, ...] = ()
+
+
+def _never() -> bool:
+    return False
+
+
+def judge(reader: RepositoryReader, catalog: Catalog, *, as_of: float, max_days: float,
+          not_after: float) -> Judgement:
+    """Scan ``reader``'s CIDs and stamps; nothing last used at or after ``not_after`` expires."""
+    cutoff = as_of - max_days * DAY
+    limit = min(cutoff, not_after)
+    expired: list[Expired] = []
+    scanned = 0
+    for cid in reader.cids():
+        scanned += 1
+        last = catalog.last_access(cid)
+        if last is not None and last < limit:
+            expired.append(Expired(cid, last))
+    going = {e.cid for e in expired}
+    orphans: list[str] = []
+    for cid in reader.stamps():
+        holders = {r.name for r in catalog.readers if r.contains(cid)}
+        if holders - {reader.name} or (holders and cid not in going):
+            continue
+        stamped = reader.stamped_at(cid)
+        if stamped is not None and stamped < not_after:
+            orphans.append(cid)
+    return Judgement(reader.name, as_of, cutoff, not_after, scanned, tuple(expired),
+                     tuple(orphans))
+
+
+def check_readable(catalog: Catalog) -> None:
+    """CleanupError unless every repository's tree can be read (its stamps keep CIDs alive)."""
+    for reader in catalog.readers:
+        if isinstance(reader, TreeReader) and not reader.cid_dir.is_dir():
+            raise CleanupError(
+                f"repository {reader.name} is unreadable: {reader.cid_dir} is not a directory "
+                "(not mounted, or never published into); refusing to judge ages without it")
+
+
+def clean(config: Config, repo_name: str, *, as_of: float | None = None,
+          clock: Callable[[], float] = time.time, should_stop: Callable[[], bool] = _never,
+          progress: Callable[[int, int], None] | None = None) -> CleanupResult:
+    """Clean the hosted repository ``repo_name`` now (see the module docstring).
+
+    ``as_of`` (default: the scan's start) is the time ages are judged at. ``should_stop`` is
+    polled while waiting for the lock and between removals; ``progress(done, total)`` is called
+    after each CID is handled. Spool housekeeping follows, outside the lock.
+    """
+    repo_cfg = config.repository(repo_name)
+    if not repo_cfg.is_hosted_on(config.server.name):
+        raise CleanupError(f"repository {repo_name} is published by {repo_cfg.host}, "
+                           f"not by this server ({config.server.name})")
+    repository = open_repository(config, repo_cfg)
+    catalog = Catalog.from_config(config)
+    started, t0 = clock(), time.monotonic()
+    config.lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(transaction_lock_path(config, repo_name), poll_interval=0.01)
+    if not _acquire(lock, repo_name, should_stop):
+        return CleanupResult(repo_name, started, time.monotonic() - t0, completed=False)
+    try:
+        log.info("%s: cleanup started (holding %s)", repo_name, lock.lock_file)
+        result = _clean_locked(repository, catalog, config.janitor.max_days, as_of, clock,
+                               should_stop, progress)
+    finally:
+        lock.release()
+    if result.completed:
+        _flush(repository)
+    now = clock()
+    spool = Spool(config.server.spool)
+    failed_age = config.janitor.failed_days * DAY
+    judged_at = min(now, as_of) if as_of is not None else now
+    failed = remove_failed(spool, expired_failed(spool, judged_at, failed_age), judged_at,
+                           failed_age)
+    tmp = spool.clean_tmp(config.janitor.tmp_grace_hours * HOUR, now) if spool.tmp.is_dir() else 0
+    return CleanupResult(repo_name, started, time.monotonic() - t0, result.cids, result.stamps,
+                         result.bytes_freed, result.spared, failed, tmp, result.completed)
+
+
+def _acquire(lock: FileLock, name: str, should_stop: Callable[[], bool]) -> bool:
+    try:
+        lock.acquire(blocking=False)
+        return True
+    except Timeout:
+        log.info("%s: waiting for %s (a publish is in progress)", name, lock.lock_file)
+    try:
+        lock.acquire(cancel_check=should_stop)
+    except Timeout:
+        log.info("%s: stop requested while waiting for the lock", name)
+        return False
+    return True
+
+
+def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
+                  as_of: float | None, clock: Callable[[], float],
+                  should_stop: Callable[[], bool],
+                  progress: Callable[[int, int], None] | None) -> CleanupResult:
+    name = repository.name
+    repository.recover()
+    check_readable(catalog)
+    scan_started = clock()
+    j = judge(repository, catalog, as_of=scan_started if as_of is None else as_of,
+              max_days=max_days, not_after=scan_started)
+    log.info("%s: %d of %d CIDs unused since %s; %d orphan stamps", name, len(j.expired),
+             j.scanned, iso_time(j.cutoff), len(j.orphan_stamps))
+    cids = stamps = freed = spared = 0
+    completed = True
+    with repository.transaction() as txn:
+        for done, item in enumerate(j.expired, start=1):
+            if should_stop():
+                completed = False
+                break
+            last = catalog.last_access(item.cid)
+            if last is not None and not j.is_expired(last):
+                spared += 1
+                log.info("%s: kept %s: used at %s, after the scan began", name, item.cid,
+                         iso_time(last))
+            elif last is not None:
+                _make_removable(repository, item.cid)
+                removed = txn.remove([item.cid])
+                cids += removed.cids
+                freed += removed.bytes_freed
+                if removed.cids:
+                    log.info("%s: removed %s (last used %s, %.1f days before %s)", name,
+                             item.cid, iso_time(last), (j.as_of - last) / DAY, iso_time(j.as_of))
+            if progress is not None:
+                progress(done, len(j.expired))
+        for cid in j.orphan_stamps if completed else ():
+            stamped = repository.stamped_at(cid)
+            if catalog.locate(cid) is None and stamped is not None and stamped < scan_started:
+                stamps += txn.remove((), [cid]).stamps
+    if completed:
+        gc = repository.gc()
+        log.info("%s: garbage collection freed %d bytes in %.1f s", name, gc.bytes_freed,
+                 gc.seconds)
+    return CleanupResult(name, scan_started, 0.0, cids, stamps, freed, spared,
+                         completed=completed)
+
+
+def _make_removable(repository: Repository, cid: str) -> None:
+    """Give the owner write access to a CID's directory (and its group directory).
+
+    Moving a directory to another parent rewrites its ``..`` entry, which needs write access
+    to the directory itself; read-only trees inside are handled by the backend's gc.
+    """
+    if not isinstance(repository, TreeReader):
+        return
+    path = repository.path_of(cid)
+    for p in (path.parent, path) if path.parent != repository.cid_dir else (path,):
+        with contextlib.suppress(OSError):
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode) and (st.st_mode & 0o700) != 0o700:
+                os.chmod(p, stat.S_IMODE(st.st_mode) | 0o700)
+
+
+def _flush(repository: Repository) -> None:
+    if isinstance(repository, TreeReader):
+        with contextlib.suppress(OSError):
+            syncfs(repository.root)
+
+
+def preview(config: Config, repo_name: str, *, as_of: float | None = None,
+            clock: Callable[[], float] = time.time, include_spool: bool = True) -> Preview:
+    """What a cleanup of ``repo_name`` (any configured repository) would remove; no changes."""
+    reader = open_reader(config, config.repository(repo_name))
+    catalog = Catalog.from_config(config)
+    check_readable(catalog)
+    now = clock()
+    j = judge(reader, catalog, as_of=now if as_of is None else as_of,
+              max_days=config.janitor.max_days, not_after=now)
+    sizes = {e.cid: reader.size_of(e.cid) for e in j.expired}
+    if not include_spool:
+        return Preview(j, sizes)
+    spool = Spool(config.server.spool)
+    failed = expired_failed(spool, j.as_of, config.janitor.failed_days * DAY)
+    tmp = stale_tmp(spool, now, config.janitor.tmp_grace_hours * HOUR)
+    return Preview(j, sizes, tuple(failed), tuple(tmp))
+
+
+def format_preview(p: Preview) -> list[str]:
+    """The lines a dry run prints: one per CID (cid, last access, age), then the rest."""
+    j = p.judgement
+    going = {e.cid for e in j.expired}
+    lines = [f"# {j.repository}: as of {iso_time(j.as_of)}, CIDs last used before "
+             f"{iso_time(j.cutoff)} expire"]
+    lines += [f"cid {e.cid} last-access {iso_time(e.last_access)} "
+              f"age {(j.as_of - e.last_access) / DAY:.1f}d bytes {p.sizes.get(e.cid, 0)}"
+              for e in j.expired]
+    lines += [f"stamp {cid} orphan: "
+              + ("its CID expires here" if cid in going else "its CID is in no repository")
+              for cid in j.orphan_stamps]
+    lines += [f"failed {i.path.name} failed-at {iso_time(i.since)} "
+              f"age {(j.as_of - i.since) / DAY:.1f}d" for i in p.failed]
+    lines += [f"tmp {i.path.name} modified {iso_time(i.since)} "
+              f"age {(j.not_after - i.since) / HOUR:.1f}h" for i in p.tmp]
+    lines.append(f"# would remove {len(j.expired)} CIDs ({sum(p.sizes.values())} bytes), "
+                 f"{len(j.orphan_stamps)} stamps, {len(p.failed)} failed entries, "
+                 f"{len(p.tmp)} tmp leftovers; {j.scanned - len(j.expired)} CIDs stay")
+    return lines
+
+
+def iso_time(ts: float) -> str:
+    """``ts`` as local ISO 8601 time with its UTC offset, to the second."""
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")

@@ -1,0 +1,104 @@
+"""Spool housekeeping done by the janitor: expired ``failed/`` entries and stale ``tmp/`` leftovers.
+
+Neither concerns a repository, so neither needs a repository lock. A failed entry is taken out
+of sight with one rename into ``tmp/.trash-*`` (which :meth:`spool.Spool.clean_tmp` removes on
+sight, should the janitor die before it finishes), then deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from spool import Spool
+from spool.fsutil import remove_tree, rename_noreplace
+from spool.queue import REASON, unique_id
+from userpub.cid import is_ignored_name
+
+log = logging.getLogger("userpub.janitor")
+
+__all__ = ["SpoolItem", "expired_failed", "remove_failed", "stale_tmp"]
+
+
+@dataclass(frozen=True)
+class SpoolItem:
+    """A spool entry the janitor judged: its path and the time its age counts from."""
+
+    path: Path
+    since: float
+
+
+def failed_time(path: Path) -> float | None:
+    """When the entry at ``path`` failed (``reason.json``'s ``time``, else its mtime)."""
+    try:
+        return float(json.loads((path / REASON).read_text())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return None
+
+
+def expired_failed(spool: Spool, as_of: float, max_age: float) -> list[SpoolItem]:
+    """Entries of ``failed/`` that failed more than ``max_age`` seconds before ``as_of``."""
+    try:
+        names = sorted(os.listdir(spool.failed))
+    except FileNotFoundError:
+        return []
+    items = []
+    for name in names:
+        if is_ignored_name(name):
+            continue
+        since = failed_time(spool.failed / name)
+        if since is not None and as_of - since > max_age:
+            items.append(SpoolItem(spool.failed / name, since))
+    return items
+
+
+def remove_failed(spool: Spool, items: list[SpoolItem], as_of: float, max_age: float) -> int:
+    """Remove these failed entries; return how many went.
+
+    Each entry is renamed out of sight first, then judged again: if it was replaced meanwhile
+    by a fresh failure of the same CID, it is put back.
+    """
+    removed = 0
+    if items:
+        spool.tmp.mkdir(parents=True, exist_ok=True)
+    for item in items:
+        trash = spool.tmp / f".trash-janitor-{unique_id()}"
+        try:
+            os.rename(item.path, trash)
+        except FileNotFoundError:
+            continue
+        since = failed_time(trash)
+        if since is not None and as_of - since <= max_age:
+            try:
+                rename_noreplace(trash, item.path)
+                continue
+            except FileExistsError:
+                pass  # an even newer failure took the name; this one may go
+        remove_tree(trash)
+        removed += 1
+    return removed
+
+
+def stale_tmp(spool: Spool, now: float, grace: float) -> list[SpoolItem]:
+    """``tmp/`` leftovers :meth:`spool.Spool.clean_tmp` would remove at ``now`` (for dry runs)."""
+    items = []
+    try:
+        paths = sorted(spool.tmp.iterdir())
+    except FileNotFoundError:
+        return []
+    for path in paths:
+        try:
+            newest = max([os.lstat(path).st_mtime] +
+                         ([p.lstat().st_mtime for p in path.iterdir()] if path.is_dir() else []))
+        except OSError:
+            continue
+        if path.name.startswith(".trash-") or now - newest > grace:
+            items.append(SpoolItem(path, newest))
+    return items
