@@ -56,6 +56,7 @@ class RepositoryConfig:
     mount: str = ""
     replica: Path | None = None
     command_timeout: float = 1800.0
+    cvmfs_ingest: bool = False  # cvmfs-server: stream tarballs into `cvmfs_server ingest`
 
     def is_hosted_on(self, server_name: str) -> bool:
         """True when the server named ``server_name`` publishes into this repository."""
@@ -284,11 +285,15 @@ def _parse_repository(sec: _Section) -> RepositoryConfig:
     mount = sec.string("mount", f"/cvmfs/{name}")
     replica = sec.path("replica", None)
     timeout = sec.number("command_timeout", 1800.0, minimum=1.0)
+    cvmfs_ingest = sec.boolean("cvmfs_ingest", False)
+    if cvmfs_ingest and backend != "cvmfs-server":
+        sec.problems.append(f"{sec.where}.cvmfs_ingest: only for the cvmfs-server backend")
     if backend in ("local", "cvmfs-native") and root is None:
         sec.problems.append(f"{sec.where}.root: required by the {backend} backend")
     sec.finish()
     return RepositoryConfig(name=name, host=host, backend=backend, root=root, mount=mount,
-                            replica=replica, command_timeout=timeout)
+                            replica=replica, command_timeout=timeout,
+                            cvmfs_ingest=cvmfs_ingest)
 
 
 def _parse_publisher(sec: _Section) -> PublisherConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from publisher.repositories.base import (
     GcResult,
     RemoveResult,
@@ -10,12 +12,14 @@ from publisher.repositories.base import (
     RepositoryReader,
     Transaction,
 )
+from publisher.repositories.cvmfs_server import CvmfsServerRepository, default_published_view
 from publisher.repositories.local import LocalRepository
 from publisher.repositories.tree import TreeReader
 from userpub.config import Config, RepositoryConfig
 
-__all__ = ["GcResult", "LocalRepository", "RemoveResult", "Repository", "RepositoryError",
-           "RepositoryReader", "Transaction", "TreeReader", "open_reader", "open_repository"]
+__all__ = ["CvmfsServerRepository", "GcResult", "LocalRepository", "RemoveResult", "Repository",
+           "RepositoryError", "RepositoryReader", "Transaction", "TreeReader", "open_reader",
+           "open_repository"]
 
 
 def open_repository(config: Config, repo: RepositoryConfig) -> Repository:
@@ -24,6 +28,11 @@ def open_repository(config: Config, repo: RepositoryConfig) -> Repository:
         assert repo.root is not None  # validated by the configuration
         return LocalRepository(repo.name, repo.root, config.server.prefix, config.server.stamps,
                                repo.mount, durable=config.publisher.durable)
+    if repo.backend == "cvmfs-server":
+        return CvmfsServerRepository(
+            repo.name, Path(repo.mount), repo.root or default_published_view(repo.name),
+            config.server.prefix, config.server.stamps, timeout=repo.command_timeout,
+            ingest=repo.cvmfs_ingest)
     raise NotImplementedError(f"backend {repo.backend!r} is not available yet")
 
 
@@ -31,13 +40,18 @@ def open_reader(config: Config, repo: RepositoryConfig) -> RepositoryReader:
     """The read-only view of any configured repository.
 
     A replica (``replica = "/cvmfs2/<repo>"``) is read where configured; otherwise the
-    repository's own tree: ``root`` for the local backend, the ``mount`` for cvmfs-server.
+    repository's own tree: ``root`` for the local backend; for cvmfs-server the published
+    revision (``root``, default ``/var/spool/cvmfs/<repo>/rdonly``) where hosted here, the
+    ``mount`` elsewhere.
     """
     prefix, stamps = config.server.prefix, config.server.stamps
     if repo.replica is not None and not repo.is_hosted_on(config.server.name):
         return TreeReader(repo.name, repo.replica, prefix, stamps, repo.mount)
     if repo.backend == "local" and repo.root is not None:
         return TreeReader(repo.name, repo.root, prefix, stamps, repo.mount)
-    from pathlib import Path
-
+    if repo.backend == "cvmfs-server" and repo.is_hosted_on(config.server.name):
+        # the published revision (cvmfs_server's rdonly mount), never the union mount,
+        # which shows the uncommitted changes of an open transaction
+        published = repo.root or default_published_view(repo.name)
+        return TreeReader(repo.name, published, prefix, stamps, repo.mount)
     return TreeReader(repo.name, Path(repo.mount), prefix, stamps, repo.mount)
