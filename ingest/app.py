@@ -55,7 +55,7 @@ class ApiApp(bottle.Bottle):  # type: ignore[misc]
     """Bottle with an access-log line and metrics per request, and plain-text errors."""
 
     def __init__(self, metrics: IngestMetrics) -> None:
-        super().__init__(catchall=True, autojson=False)
+        super().__init__(catchall=True)
         self.metrics = metrics
 
     def default_error_handler(self, res: bottle.HTTPError) -> str:

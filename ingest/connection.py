@@ -9,6 +9,9 @@
   reader holds a whole chunk in memory, however large the client made it), and bodies left
   unread are drained 1 MiB at a time (cheroot reads them in one allocation) -- or the
   connection is closed, when the client has not sent them or they are chunked.
+* A connection closed while the client is still sending its body lingers: what arrives is
+  read and discarded for up to ``LINGER_SECONDS``, so that clients which send the whole body
+  before reading (python-requests) see the 413 or 403 instead of a connection reset.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +30,7 @@ log = logging.getLogger("userpub.ingest")
 DRAIN_CHUNK = 1 << 20
 MAX_LINE = 4096
 MAX_TRAILERS = 64
+LINGER_SECONDS = 10.0
 TOO_LARGE = "Request Entity Too Large"
 
 
@@ -188,6 +193,10 @@ class GridRequest(cheroot_server.HTTPRequest):
                 if not rfile.read(min(rfile.remaining, DRAIN_CHUNK)):
                     self.close_connection = True
                     break
+        client_sending = not (self.expect_continue and not self.continue_sent)
+        unread = getattr(rfile, "remaining", 0) > 0 or not getattr(rfile, "done", True)
+        if self.close_connection and client_sending and unread:
+            self.conn.linger_on_close = True
         super().send_headers()
 
 
@@ -204,6 +213,7 @@ class GridConnection(cheroot_server.HTTPConnection):
 
     RequestHandlerClass = GridRequest
     handshaken = False
+    linger_on_close = False
     on_handshake_failure: Callable[[str, str, bool], None] | None = None
 
     def communicate(self) -> bool:
@@ -221,6 +231,20 @@ class GridConnection(cheroot_server.HTTPConnection):
             self.handshaken = True
         keep: bool = super().communicate()  # type: ignore[no-untyped-call]
         return keep
+
+    def close(self) -> None:
+        """Close; after an early answer, first discard what the client still sends."""
+        if self.linger_on_close:
+            self.linger_on_close = False
+            deadline = time.monotonic() + LINGER_SECONDS
+            try:
+                while (left := deadline - time.monotonic()) > 0:
+                    self.socket.settimeout(left)
+                    if not self.socket.recv(DRAIN_CHUNK):
+                        break
+            except OSError:
+                pass  # reset, timeout, TLS EOF: the client is gone or too slow
+        super().close()
 
 
 def connection_class(on_handshake_failure: Callable[[str, str, bool], None] | None,

@@ -1,0 +1,328 @@
+"""The Bottle app called as WSGI (no sockets): answers byte for byte, spool effects, metrics.
+
+Real spool, real catalog over local repositories, real authenticator fed verified chains
+the way the TLS adapter puts them in the environ.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import wsgiref.util
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client import CollectorRegistry
+
+from ingest.app import make_app, make_plain_app
+from ingest.auth import Authenticator
+from ingest.connection import ChunkedReader
+from ingest.devpki import CertificateAuthority, make_proxy
+from metrics import IngestMetrics
+from publisher.catalog import Catalog
+from spool import Spool
+from tests.helpers import write_config
+from userpub.config import load_config
+
+USER_DN = "/DC=org/DC=example/OU=People/CN=Jane Doe 12345"
+TEXT = [("Content-Type", "text/plain"), ("Cache-Control", "max-age=0")]
+
+
+class Site:
+    def __init__(self, tmp_path, **ingest):
+        gridmap = tmp_path / "grid-mapfile"
+        gridmap.write_text(f'"{USER_DN}" janedoe\n')
+        settings = {"grid_mapfile": str(gridmap), "spool_reserve_bytes": 0,
+                    "max_upload_bytes": 10_000, **ingest}
+        extra = "[ingest]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"')
+                                       for k, v in settings.items())
+        self.config = load_config(write_config(tmp_path / "site", extra=extra))
+        self.spool = Spool(self.config.server.spool)
+        self.spool.ensure_layout(tuple(r.name for r in self.config.repositories))
+        self.registry = CollectorRegistry()
+        self.metrics = IngestMetrics(self.registry)
+        assert self.config.ingest is not None
+        self.app = make_app(self.config, self.spool, Catalog.from_config(self.config),
+                            self.metrics, Authenticator.from_config(self.config.ingest))
+
+    def publish_tree(self, cid, repo=0):
+        root = self.config.repositories[repo].root
+        (root / "sw" / cid).mkdir(parents=True)
+
+    def incoming(self):
+        return sorted(p.name for p in self.spool.incoming.iterdir())
+
+    def tmp(self):
+        return sorted(p.name for p in self.spool.tmp.iterdir())
+
+    def sample(self, name, **labels):
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture(scope="module")
+def chain():
+    ca = CertificateAuthority(key_type="ec")
+    proxy = make_proxy(ca.issue_user(USER_DN, key_type="ec"), key_type="ec")
+    return {f"SSL_CLIENT_CERT_CHAIN_{n}": c.public_bytes(Encoding.PEM).decode()
+            for n, c in enumerate([proxy.cert, *proxy.chain])}
+
+
+@pytest.fixture
+def site(tmp_path):
+    return Site(tmp_path)
+
+
+def call(app, method, path, body=b"", *, env=None, stream=None, chunked=False):
+    """(status line, headers, body) of one request."""
+    path, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+               "REMOTE_ADDR": "192.0.2.9", "wsgi.input": stream or io.BytesIO(body)}
+    if chunked:
+        environ["wsgi.input_terminated"] = True
+    elif method == "POST":
+        environ["CONTENT_LENGTH"] = str(len(body))
+    environ.update(env or {})
+    wsgiref.util.setup_testing_defaults(environ)
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, headers
+
+    out = b"".join(app(environ, start_response))
+    return seen["status"], seen["headers"], out
+
+
+def expect(result, status, body, *, extra_headers=()):
+    assert result[0] == status
+    assert result[2] == body
+    assert result[1] == [*TEXT, *extra_headers, ("Content-Length", str(len(body)))]
+
+
+def test_ping_and_config_need_no_credentials(site):
+    expect(call(site.app, "GET", "/pubapi/ping"), "200 OK", b"OK\n")
+    expect(call(site.app, "GET", "/pubapi/config"), "200 OK",
+           b"repos:repo1.example.org,repo2.example.org\n")
+
+
+def test_exists_update_status_answers(site, chain):
+    def get(route, cid="grp/abc"):
+        return call(site.app, "GET", f"/pubapi/{route}?cid={cid}", env=chain)
+
+    expect(get("exists"), "200 OK", b"MISSING\n")
+    expect(get("update"), "200 OK", b"MISSING\n")
+    expect(get("status"), "200 OK", b"MISSING\n")
+    assert site.incoming() == []
+    site.publish_tree("grp/abc", repo=1)
+    present = b"PRESENT:/cvmfs/repo2.example.org/sw/grp/abc\n"
+    expect(get("exists"), "200 OK", present)
+    expect(get("status"), "200 OK", present)
+    expect(get("update"), "200 OK", present)
+    assert site.incoming() == ["grp%2Fabc@stamp"]  # the update queued an access stamp
+    # status follows the spool: queued, publishing, failed
+    with site.spool.writer("grp/new", "x") as w:
+        w.commit()
+    expect(get("status", "grp/new"), "200 OK", b"QUEUED\n")
+    claimed = site.spool.claim(site.spool.incoming / "grp%2Fnew", "repo1.example.org")
+    expect(get("status", "grp/new"), "200 OK", b"PUBLISHING\n")
+    site.spool.fail(site.spool.read_entry(claimed), "not a tarball:\n  bad magic")
+    expect(get("status", "grp/new"), "200 OK", b"FAILED:not a tarball: bad magic\n")
+
+
+def test_publish_queues_the_body_durably(site, chain):
+    body = os.urandom(5000)
+    expect(call(site.app, "POST", "/pubapi/publish?cid=grp/abc", body, env=chain),
+           "200 OK", b"OK\n")
+    assert site.incoming() == ["grp%2Fabc"]
+    entry = site.spool.read_entry(site.spool.incoming / "grp%2Fabc")
+    assert entry.payload.read_bytes() == body
+    assert entry.submitter == f"janedoe ({USER_DN})"
+    assert site.tmp() == []
+    assert site.sample("userpub_upload_bytes_total") == 5000
+    # The same CID again while queued: OK, body read and discarded, nothing added.
+    expect(call(site.app, "POST", "/pubapi/publish?cid=grp/abc", b"other", env=chain),
+           "200 OK", b"OK\n")
+    assert site.incoming() == ["grp%2Fabc"]
+    assert entry.payload.read_bytes() == body
+    assert site.sample("userpub_upload_bytes_total") == 5000
+
+
+def test_publish_of_a_published_cid_stamps_it(site, chain):
+    site.publish_tree("grp/old")
+    expect(call(site.app, "POST", "/pubapi/publish?cid=grp/old", b"tarball", env=chain),
+           "200 OK", b"PRESENT:/cvmfs/repo1.example.org/sw/grp/old\n")
+    assert site.incoming() == ["grp%2Fold@stamp"]
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/pubapi/exists", b"Bad request: exists with no cid\n"),
+    ("/pubapi/exists?cid=", b"Bad request: exists with no cid\n"),
+    ("/pubapi/update?cid=.hidden", b"Bad request: cid must not start with '.'\n"),
+    ("/pubapi/status?cid=a/b/c", b"Bad request: cid may contain at most one '/'\n"),
+    ("/pubapi/exists?cid=a'b", b"Bad request: cid contains forbidden characters: \"'\"\n"),
+])
+def test_bad_requests(site, chain, path, body):
+    expect(call(site.app, "GET", path, env=chain), "400 Bad request", body)
+
+
+def test_credentials_are_required_except_for_ping_and_config(site):
+    for method, route in (("GET", "exists"), ("GET", "update"), ("GET", "status"),
+                          ("POST", "publish")):
+        expect(call(site.app, method, f"/pubapi/{route}?cid=a"), "403 Access denied",
+               b"Client cert required\n")
+    assert site.sample("userpub_auth_failures_total", reason="no_credentials") == 4
+    assert site.incoming() == [] and site.tmp() == []
+
+
+def test_unknown_api_and_wrong_method(site, chain):
+    expect(call(site.app, "GET", "/pubapi/nothing", env=chain), "404 Not found",
+           b"Unrecognized api\n")
+    expect(call(site.app, "GET", "/", env=chain), "404 Not found", b"Unrecognized api\n")
+    status, headers, body = call(site.app, "GET", "/pubapi/publish?cid=a", env=chain)
+    assert (status, body) == ("405 Method Not Allowed", b"Method not allowed\n")
+    assert ("Allow", "POST") in headers
+    assert call(site.app, "POST", "/pubapi/exists?cid=a", env=chain)[0].startswith("405")
+    assert site.sample("userpub_http_requests_total", route="unknown", status="404") == 2
+
+
+class Exploding(io.RawIOBase):
+    """A request body that must not be read."""
+
+    def read(self, size=-1):
+        raise AssertionError("the body was read")
+
+
+def test_too_large_by_content_length_is_refused_before_reading(site, chain):
+    env = {**chain, "CONTENT_LENGTH": "10001"}
+    status, headers, body = call(site.app, "POST", "/pubapi/publish?cid=a", env=env,
+                                 stream=Exploding())
+    assert status == "413 Request Entity Too Large"
+    assert body == b"Upload too large: the limit is 10000 bytes\n"
+    assert ("Connection", "close") in headers
+    assert site.tmp() == [] and site.incoming() == []
+
+
+def test_too_large_chunked_is_refused_while_reading(site, chain):
+    status, _, _ = call(site.app, "POST", "/pubapi/publish?cid=a", b"x" * 10_001, env=chain,
+                        chunked=True)
+    assert status == "413 Request Entity Too Large"
+    assert site.tmp() == [] and site.incoming() == []
+    expect(call(site.app, "POST", "/pubapi/publish?cid=a", b"x" * 10_000, env=chain,
+                chunked=True), "200 OK", b"OK\n")
+
+
+def test_short_body_leaves_nothing(site, chain):
+    env = {**chain, "CONTENT_LENGTH": "100"}
+    expect(call(site.app, "POST", "/pubapi/publish?cid=a", env=env, stream=io.BytesIO(b"x" * 60)),
+           "400 Bad request", b"Bad request: body shorter than Content-Length (60 of 100 bytes)\n",
+           extra_headers=[("Connection", "close")])
+    assert site.tmp() == [] and site.incoming() == []
+
+
+class Breaking(io.RawIOBase):
+    """Gives some data, then the connection breaks."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def read(self, size=-1):
+        self.calls += 1
+        if self.calls > 2:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return b"y" * 1000
+
+
+def test_connection_lost_mid_upload_leaves_nothing(site, chain):
+    env = {**chain, "CONTENT_LENGTH": "9000"}
+    status, _, body = call(site.app, "POST", "/pubapi/publish?cid=a", env=env, stream=Breaking())
+    assert status == "400 Bad request"
+    assert body == b"Bad request: upload interrupted after 2000 bytes: Connection reset by peer\n"
+    assert site.tmp() == [] and site.incoming() == []
+    assert site.sample("userpub_uploads_in_progress") == 0
+
+
+def test_insufficient_storage(tmp_path, chain):
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    site = Site(tmp_path, spool_reserve_bytes=max(0, free - 50_000_000),
+                max_upload_bytes=10**12)
+    env = {**chain, "CONTENT_LENGTH": str(500_000_000)}
+    expect(call(site.app, "POST", "/pubapi/publish?cid=a", env=env, stream=Exploding()),
+           "507 Insufficient Storage", b"Insufficient storage in the spool, try again later\n")
+    # a small upload still fits above the reserve
+    expect(call(site.app, "POST", "/pubapi/publish?cid=b", b"z" * 1000, env=chain),
+           "200 OK", b"OK\n")
+
+
+def test_one_access_log_line_per_request(site, chain, caplog):
+    caplog.set_level(logging.INFO, "userpub.ingest.access")
+    call(site.app, "POST", "/pubapi/publish?cid=grp/abc", b"12345", env=chain)
+    call(site.app, "GET", "/pubapi/exists?cid=grp/abc")
+    call(site.app, "GET", "/nowhere")
+    lines = [r.getMessage() for r in caplog.records if r.name == "userpub.ingest.access"]
+    assert len(lines) == 3
+    assert lines[0].startswith(f'192.0.2.9 identity="{USER_DN}" route=publish cid="grp/abc" '
+                               "status=200 bytes=5 duration=")
+    assert 'identity="refused no_credentials: -" route=exists cid="-" status=403' in lines[1]
+    assert "route=unknown" in lines[2] and "status=404" in lines[2]
+
+
+def test_plain_app_serves_only_ping_config_and_metrics(site):
+    app = make_plain_app(site.config, site.metrics, site.registry)
+    expect(call(app, "GET", "/pubapi/ping"), "200 OK", b"OK\n")
+    expect(call(app, "GET", "/pubapi/config"), "200 OK",
+           b"repos:repo1.example.org,repo2.example.org\n")
+    status, _, body = call(app, "GET", "/metrics")
+    assert status == "200 OK" and b'userpub_http_requests_total{route="ping",status="200"}' in body
+    for route in ("exists?cid=a", "publish?cid=a", "status?cid=a", "update?cid=a"):
+        assert call(app, "GET", f"/pubapi/{route}")[0] == "404 Not found"
+
+
+# -- the chunked reader -----------------------------------------------------------------------
+
+
+class Recorder(io.BufferedReader):
+    """Remembers the largest read asked of it."""
+
+    largest = 0
+
+    def read(self, size=-1):
+        self.largest = max(self.largest, size if size and size > 0 else 0)
+        return super().read(size)
+
+
+def chunked(data: bytes) -> Recorder:
+    return Recorder(io.BytesIO(data))
+
+
+def test_chunked_reader_decodes_extensions_and_trailers():
+    raw = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: a\r\n\r\nNEXT"
+    reader = chunked(raw)
+    body = ChunkedReader(reader, 0)
+    assert body.read(3) == b"hel" and body.read(100) == b"lo" and body.read(100) == b" world"
+    assert body.read(100) == b"" and body.closed
+    assert reader.read() == b"NEXT"  # nothing beyond the body was consumed
+
+
+def test_chunked_reader_reads_huge_chunks_in_bounded_pieces():
+    size = 3 << 20
+    reader = chunked(b"%x\r\n" % size + b"a" * size + b"\r\n0\r\n\r\n")
+    body = ChunkedReader(reader, 0)
+    total = 0
+    while data := body.read(65536):
+        total += len(data)
+    assert total == size and reader.largest <= 65536
+
+
+@pytest.mark.parametrize(("raw", "error"), [
+    (b"zz\r\nabc", ValueError),
+    (b"5\r\nabc", ValueError),                 # truncated
+    (b"3\r\nabcXY0\r\n\r\n", ValueError),      # no CRLF after the data
+    (b"3\r\nabc\r\n", ValueError),             # ends without the last chunk
+    (b"1" * 5000, ValueError),                 # endless size line
+    (b"10\r\n" + b"a" * 16 + b"\r\n0\r\n\r\n", OSError),  # over the limit (10 bytes)
+])
+def test_chunked_reader_refuses_bad_bodies(raw, error):
+    body = ChunkedReader(chunked(raw), 10)
+    with pytest.raises(error):
+        while body.read(4):
+            pass
