@@ -15,6 +15,7 @@ import http.client
 import ipaddress
 import random
 import re
+import socket
 import ssl
 import time
 import urllib.parse
@@ -209,6 +210,7 @@ class PubApi:
     sleep: Callable[[float], None] = time.sleep
     log: Callable[[str], None] = lambda _msg: None
     timeout: float = 60.0
+    continue_wait: float = 3.0
     _order: list[Server] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -281,7 +283,10 @@ class PubApi:
             else:
                 with upload.open("rb") as body:
                     try:
-                        _send_file(conn, url, headers, body, progress)
+                        early = _send_file(conn, url, headers, body, progress,
+                                           self.continue_wait)
+                        if early is not None:
+                            return early
                     except OSError as err:
                         # The server may have answered early (403, 413) and closed: that
                         # answer is worth more than the broken pipe, if it can be read.
@@ -335,14 +340,19 @@ class PubApi:
 
 
 def _send_file(conn: http.client.HTTPConnection, url: str, headers: dict[str, str],
-               body: BinaryIO, progress: Progress | None) -> None:
+               body: BinaryIO, progress: Progress | None, continue_wait: float
+               ) -> tuple[int, str, float] | None:
+    """Send the request head with ``Expect: 100-continue``, then the body unless the server
+    answers first (403, 413, 507...): that answer is returned and nothing is uploaded."""
     size = body.seek(0, 2)
     body.seek(0)
     conn.putrequest("POST", url, skip_accept_encoding=True)
     for name, value in {**headers, "Content-Type": "application/octet-stream",
-                        "Content-Length": str(size)}.items():
+                        "Content-Length": str(size), "Expect": "100-continue"}.items():
         conn.putheader(name, value)
     conn.endheaders()
+    if conn.sock is not None and (early := _early_answer(conn.sock, continue_wait)):
+        return early
     if progress is not None:
         progress.reset()
     try:
@@ -353,6 +363,41 @@ def _send_file(conn: http.client.HTTPConnection, url: str, headers: dict[str, st
     finally:
         if progress is not None:
             progress.finish()
+    return None
+
+
+def _early_answer(sock: socket.socket, wait: float) -> tuple[int, str, float] | None:
+    """None after ``100 Continue`` or ``wait`` s of silence; else the final answer, read here
+    because http.client cannot read a response before the body is sent."""
+    saved = sock.gettimeout()
+    sock.settimeout(wait)
+    try:
+        first = sock.recv(1)
+    except TimeoutError:
+        return None
+    finally:
+        sock.settimeout(saved)
+    head = bytearray(first)
+    while first and not head.endswith(b"\r\n\r\n") and len(head) < MAX_ANSWER:
+        first = sock.recv(1)
+        head += first
+    if not first:
+        raise http.client.RemoteDisconnected("the server closed the connection")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise http.client.BadStatusLine(lines[0])
+    status = int(parts[1])
+    if status == 100:
+        return None
+    fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    length = int(fields.get("content-length", "0")) if fields.get("content-length", "").isdigit() \
+        else MAX_ANSWER
+    text = bytearray()
+    while len(text) < min(length, MAX_ANSWER) and (chunk := sock.recv(min(length, MAX_ANSWER)
+                                                                      - len(text))):
+        text += chunk
+    return status, text.decode("utf-8", "replace"), _retry_after(fields.get("retry-after"))
 
 
 def _retry_after(value: str | None) -> float:

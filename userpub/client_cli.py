@@ -351,7 +351,7 @@ def run_wait(args: argparse.Namespace) -> int:
 
     def on_round(rounds: int, elapsed: float) -> None:
         if rounds == 1:
-            say(f"waiting up to {args.timeout:.0f} s for {cid} in {len(repos)} repositories")
+            say(f"waiting up to {args.timeout:g} s for {cid} in {len(repos)} repositories")
         elif elapsed - reported[0] >= 60:
             reported[0] = elapsed
             say(f"still waiting for {cid} ({elapsed:.0f} s)")
@@ -359,7 +359,7 @@ def run_wait(args: argparse.Namespace) -> int:
     result = wait_for(cid, repos, mount_root=args.mount_root, prefix=args.prefix,
                       timeout=args.timeout, interval=args.interval, on_round=on_round)
     if result.path is None:
-        _error(f"timeout: {cid} did not appear within {args.timeout:.0f} s "
+        _error(f"timeout: {cid} did not appear within {args.timeout:g} s "
                f"({result.rounds} checks, every {args.interval:g} s) in any of: "
                + ", ".join(map(str, result.candidates)))
         return Exit.TIMEOUT

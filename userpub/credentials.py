@@ -71,7 +71,8 @@ def read_token_file(path: Path) -> str:
     return token
 
 
-def discover_token(env: Mapping[str, str], uid: int) -> tuple[str, str] | None:
+def discover_token(env: Mapping[str, str], uid: int, tmp: str = "/tmp"
+                   ) -> tuple[str, str] | None:
     """(token, source) from the WLCG discovery order, or None when there is no token."""
     value = env.get("BEARER_TOKEN", "").strip()
     if value:
@@ -82,14 +83,14 @@ def discover_token(env: Mapping[str, str], uid: int) -> tuple[str, str] | None:
     candidates = []
     if env.get("XDG_RUNTIME_DIR"):
         candidates.append(Path(env["XDG_RUNTIME_DIR"]) / f"bt_u{uid}")
-    candidates.append(Path(f"/tmp/bt_u{uid}"))
+    candidates.append(Path(tmp) / f"bt_u{uid}")
     for path in candidates:
         if path.is_file():
             return read_token_file(path), str(path)
     return None
 
 
-def discover_proxy(env: Mapping[str, str], uid: int) -> Path | None:
+def discover_proxy(env: Mapping[str, str], uid: int, tmp: str = "/tmp") -> Path | None:
     """``$X509_USER_PROXY`` (which must exist when set), else ``/tmp/x509up_u<uid>`` if present."""
     named = env.get("X509_USER_PROXY", "")
     if named:
@@ -97,13 +98,13 @@ def discover_proxy(env: Mapping[str, str], uid: int) -> Path | None:
         if not path.is_file():
             raise CredentialError(f"X509_USER_PROXY={named}: no such file")
         return path
-    default = Path(f"/tmp/x509up_u{uid}")
+    default = Path(tmp) / f"x509up_u{uid}"
     return default if default.is_file() else None
 
 
 def find_credentials(env: Mapping[str, str], *, proxy: str | None = None,
                      token_file: str | None = None, uid: int | None = None,
-                     now: float | None = None) -> Credentials:
+                     now: float | None = None, tmp: str = "/tmp") -> Credentials:
     """The credentials to use: explicit choices first, else discovery (token, then proxy)."""
     uid = os.getuid() if uid is None else uid
     now = time.time() if now is None else now
@@ -115,7 +116,7 @@ def find_credentials(env: Mapping[str, str], *, proxy: str | None = None,
         return Credentials(proxy_path, token, token_file or "")
     notes: list[str] = []
     try:
-        found = discover_token(env, uid)
+        found = discover_token(env, uid, tmp)
     except CredentialError as err:
         notes.append(f"ignoring bearer token: {err}")
         found = None
@@ -126,4 +127,4 @@ def find_credentials(env: Mapping[str, str], *, proxy: str | None = None,
             return Credentials(None, token, source, tuple(notes))
         notes.append(f"ignoring the bearer token from {source}: it expired "
                      f"{int(now - expiry)} s ago")
-    return Credentials(discover_proxy(env, uid), None, "", tuple(notes))
+    return Credentials(discover_proxy(env, uid, tmp), None, "", tuple(notes))
