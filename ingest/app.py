@@ -20,6 +20,7 @@ import bottle
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.auth import Authenticator, AuthError, Identity
+from ingest.connection import TOO_LARGE
 from metrics import IngestMetrics
 from publisher.catalog import Catalog
 from spool import DropResult, Spool, State
@@ -174,10 +175,12 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
                 try:
                     data = stream.read(want)
                 except OSError as err:
-                    if "Entity Too Large" in str(err):
+                    if TOO_LARGE in str(err):
                         raise too_large() from None
-                    raise bad_request(f"upload interrupted after {total} bytes: "
-                                      f"{err.strerror or err}", close=True) from None
+                    what = "timed out" if isinstance(err, TimeoutError) else "connection lost"
+                    of = "" if length is None else f" of {length}"
+                    raise bad_request(f"upload {what} after {total}{of} bytes",
+                                      close=True) from None
                 except ValueError as err:
                     raise bad_request(f"malformed chunked body: {err}", close=True) from None
                 if not data:

@@ -48,8 +48,12 @@ def build_context(cfg: IngestConfig) -> ssl.SSLContext:
     """The server SSL context: TLS >= 1.2, no renegotiation, optional client certs, proxies."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No session resumption: a resumed session has no verified chain, hence no identity.
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     ctx.num_tickets = 0
+    # A client that stops mid-body without close_notify gets "body shorter than
+    # Content-Length" (the API detects truncation itself) instead of a dead connection.
+    ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     try:
         ctx.load_cert_chain(str(cfg.certificate), str(cfg.key))
     except OSError as err:
