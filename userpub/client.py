@@ -6,7 +6,8 @@ following ``publish`` go to the same server, as jobsub_lite PR #520 asks) and mo
 next one on a connection error, a timeout, a 5xx/507, a 408 or a 429. The first retry is
 immediate (on the other server), later ones back off exponentially with jitter, honouring a
 ``Retry-After``. Other 4xx answers are final. Uploads stream from the file with a
-Content-Length; the client certificate is the proxy file itself (cert, key, user cert).
+Content-Length and ``Expect: 100-continue``, so a server that refuses at once (403, 413,
+507) costs no upload. The client certificate is the proxy file itself (cert, key, user cert).
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ from userpub.progress import Progress
 
 DEFAULT_PORTS = {"https": 443, "http": 80}
 SERVER_ENV = ("USERPUB_SERVERS", "JOBSUB_DROPBOX_SERVER_LIST")
-GRID_CA_DIR = "/etc/grid-security/certificates"
 CHUNK = 1 << 20
 MAX_ANSWER = 64 << 10
 ANSWERS = ("PRESENT", "MISSING", "QUEUED", "PUBLISHING", "FAILED", "OK")
 
 
 class ClientError(Exception):
-    """A problem on the client's side (servers, TLS files, tarball); ``str()`` says what."""
+    """A problem on the client's side (e.g. a bad server address); ``str()`` says what."""
 
 
 class ApiError(Exception):
@@ -121,37 +121,6 @@ def servers_from(options: Sequence[str], env: Mapping[str, str]) -> list[Server]
         if env.get(name, "").strip():
             return parse_server_list(env[name])
     raise ClientError("no server given: use --server HOST[:PORT] or set USERPUB_SERVERS")
-
-
-# -- TLS --------------------------------------------------------------------------------------
-
-
-def make_ssl_context(credentials: Credentials, *, ca_bundle: str | None = None,
-                     ca_dir: str | None = None) -> ssl.SSLContext:
-    """Verify servers with the system CAs plus ``ca_bundle``/``ca_dir``; present the proxy."""
-    context = ssl.create_default_context()  # honours SSL_CERT_FILE and SSL_CERT_DIR
-    try:
-        if ca_bundle or ca_dir:
-            context.load_verify_locations(cafile=ca_bundle or None, capath=ca_dir or None)
-    except (OSError, ssl.SSLError) as err:
-        raise ClientError(f"cannot load CA certificates ({ca_bundle or ca_dir}): {err}") from None
-    if credentials.proxy is not None:
-        try:
-            context.load_cert_chain(str(credentials.proxy))
-        except (OSError, ssl.SSLError) as err:
-            raise ClientError(f"cannot use proxy {credentials.proxy}: {err}") from None
-    return context
-
-
-def ca_locations(env: Mapping[str, str], ca_bundle: str | None = None,
-                 ca_dir: str | None = None) -> tuple[str | None, str | None]:
-    """(CA bundle, CA directory) from the options, ``$USERPUB_CA_BUNDLE`` and ``$X509_CERT_DIR``
-    (else ``/etc/grid-security/certificates`` when it exists)."""
-    bundle = ca_bundle or env.get("USERPUB_CA_BUNDLE") or None
-    directory = ca_dir or env.get("X509_CERT_DIR") or None
-    if directory is None and Path(GRID_CA_DIR).is_dir():
-        directory = GRID_CA_DIR
-    return bundle, directory
 
 
 # -- answers and progress ---------------------------------------------------------------------

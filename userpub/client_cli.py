@@ -23,11 +23,14 @@ from userpub.client import (
     RefusedError,
     RetryPolicy,
     UnavailableError,
-    ca_locations,
-    make_ssl_context,
     servers_from,
 )
-from userpub.credentials import CredentialError, find_credentials
+from userpub.credentials import (
+    CredentialError,
+    ca_locations,
+    find_credentials,
+    make_ssl_context,
+)
 from userpub.progress import Progress
 from userpub.reproducible_tar import TarballError, check_tarball, make_tarball, tarball_cid
 from userpub.wait import wait_for

@@ -6,7 +6,8 @@ source that exists is used. The proxy is ``$X509_USER_PROXY``, else ``/tmp/x509u
 As in jobsub_lite, a token is preferred when both are found: the server looks at the token
 first, and a stale proxy offered in the TLS handshake could make it fail. A token whose
 ``exp`` has passed is skipped (with a warning) so that a valid proxy can still be used.
-Explicit ``--token-file``/``--proxy`` choices override discovery.
+Explicit ``--token-file``/``--proxy`` choices override discovery. The servers are trusted
+through the system CAs plus a CA bundle and/or a grid CA directory (``$X509_CERT_DIR``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import base64
 import binascii
 import json
 import os
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+GRID_CA_DIR = "/etc/grid-security/certificates"
 
 
 class CredentialError(Exception):
@@ -128,3 +132,34 @@ def find_credentials(env: Mapping[str, str], *, proxy: str | None = None,
         notes.append(f"ignoring the bearer token from {source}: it expired "
                      f"{int(now - expiry)} s ago")
     return Credentials(discover_proxy(env, uid, tmp), None, "", tuple(notes))
+
+
+# -- TLS --------------------------------------------------------------------------------------
+
+
+def make_ssl_context(credentials: Credentials, *, ca_bundle: str | None = None,
+                     ca_dir: str | None = None) -> ssl.SSLContext:
+    """Verify servers with the system CAs plus ``ca_bundle``/``ca_dir``; present the proxy."""
+    context = ssl.create_default_context()  # honours SSL_CERT_FILE and SSL_CERT_DIR
+    try:
+        if ca_bundle or ca_dir:
+            context.load_verify_locations(cafile=ca_bundle or None, capath=ca_dir or None)
+    except (OSError, ssl.SSLError) as err:
+        raise CredentialError(f"cannot load CA certificates ({ca_bundle or ca_dir}): {err}") from None
+    if credentials.proxy is not None:
+        try:
+            context.load_cert_chain(str(credentials.proxy))
+        except (OSError, ssl.SSLError) as err:
+            raise CredentialError(f"cannot use proxy {credentials.proxy}: {err}") from None
+    return context
+
+
+def ca_locations(env: Mapping[str, str], ca_bundle: str | None = None,
+                 ca_dir: str | None = None) -> tuple[str | None, str | None]:
+    """(CA bundle, CA directory) from the options, ``$USERPUB_CA_BUNDLE`` and ``$X509_CERT_DIR``
+    (else ``/etc/grid-security/certificates`` when it exists)."""
+    bundle = ca_bundle or env.get("USERPUB_CA_BUNDLE") or None
+    directory = ca_dir or env.get("X509_CERT_DIR") or None
+    if directory is None and Path(GRID_CA_DIR).is_dir():
+        directory = GRID_CA_DIR
+    return bundle, directory

@@ -29,13 +29,11 @@ from userpub.client import (
     RetryPolicy,
     Server,
     UnavailableError,
-    ca_locations,
-    make_ssl_context,
     parse_server,
     parse_server_list,
     servers_from,
 )
-from userpub.credentials import Credentials
+from userpub.credentials import CredentialError, Credentials, ca_locations, make_ssl_context
 from userpub.progress import Progress
 
 pytestmark = pytest.mark.timeout(60)
@@ -223,11 +221,11 @@ def test_untrusted_server_certificate(pki, tmp_path):
 
 
 def test_bad_ca_and_proxy_files(tmp_path):
-    with pytest.raises(ClientError, match="cannot load CA"):
+    with pytest.raises(CredentialError, match="cannot load CA"):
         make_ssl_context(Credentials(), ca_bundle=str(tmp_path / "nope.pem"))
     junk = tmp_path / "junk.pem"
     junk.write_text("not a proxy")
-    with pytest.raises(ClientError, match="cannot use proxy"):
+    with pytest.raises(CredentialError, match="cannot use proxy"):
         make_ssl_context(Credentials(proxy=junk))
 
 
