@@ -56,6 +56,9 @@ __all__ = ["CleanupError", "CleanupResult", "Expired", "Judgement", "Preview", "
 
 DAY = 86400.0
 HOUR = 3600.0
+# File times come from the kernel's coarse clock, a tick behind time.time(): anything stamped
+# less than this before the scan began counts as stamped after it.
+TIME_SLACK = 1.0
 
 
 class CleanupError(Exception):
@@ -84,7 +87,8 @@ class Judgement:
 
     def is_expired(self, last_access: float | None) -> bool:
         """True when a CID last used at ``last_access`` may go."""
-        return last_access is not None and last_access < min(self.cutoff, self.not_after)
+        return last_access is not None and last_access < min(self.cutoff,
+                                                              self.not_after - TIME_SLACK)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ def judge(reader: RepositoryReader, catalog: Catalog, *, as_of: float, max_days:
           not_after: float) -> Judgement:
     """Scan ``reader``'s CIDs and stamps; nothing last used at or after ``not_after`` expires."""
     cutoff = as_of - max_days * DAY
-    limit = min(cutoff, not_after)
+    limit = min(cutoff, not_after - TIME_SLACK)
     expired: list[Expired] = []
     scanned = 0
     for cid in reader.cids():
@@ -136,7 +140,7 @@ def judge(reader: RepositoryReader, catalog: Catalog, *, as_of: float, max_days:
         if holders - {reader.name} or (holders and cid not in going):
             continue
         stamped = reader.stamped_at(cid)
-        if stamped is not None and stamped < not_after:
+        if stamped is not None and stamped < not_after - TIME_SLACK:
             orphans.append(cid)
     return Judgement(reader.name, as_of, cutoff, not_after, scanned, tuple(expired),
                      tuple(orphans))
@@ -240,7 +244,8 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                 progress(done, len(j.expired))
         for cid in j.orphan_stamps if completed else ():
             stamped = repository.stamped_at(cid)
-            if catalog.locate(cid) is None and stamped is not None and stamped < scan_started:
+            if catalog.locate(cid) is None and stamped is not None and \
+                    stamped < scan_started - TIME_SLACK:
                 stamps += txn.remove((), [cid]).stamps
     if completed:
         gc = repository.gc()
