@@ -17,19 +17,30 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def write_config(directory: Path, repos: int = 2, *, server: str = "pub1",
                  extra: str = "", repo_extra: str = "", hosts: Mapping[int, str] | None = None,
-                 rescan: float = 1.0) -> Path:
-    """Write a configuration with ``repos`` local repositories under ``directory``."""
+                 rescan: float = 1.0, backend: str = "local") -> Path:
+    """Write a configuration with ``repos`` repositories under ``directory``.
+
+    ``backend="cvmfs-server"``: the repositories of the cvmfs_server test double rooted at
+    ``directory / "double"`` (see :func:`cvmfs_double_root`): ``mount`` is its union
+    mount, ``root`` its read-only view of the published revision.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     blocks = []
     for i in range(repos):
         host = (hosts or {}).get(i, server)
+        name = f"repo{i + 1}.example.org"
+        if backend == "cvmfs-server":
+            double = cvmfs_double_root(directory)
+            where = (f'root = "{double}/var/spool/cvmfs/{name}/rdonly"\n'
+                     f'mount = "{double}/cvmfs/{name}"')
+        else:
+            where = f'root = "repos/repo{i + 1}"\nmount = "/cvmfs/{name}"'
         blocks.append(f"""
 [[repository]]
-name = "repo{i + 1}.example.org"
+name = "{name}"
 host = "{host}"
-backend = "local"
-root = "repos/repo{i + 1}"
-mount = "/cvmfs/repo{i + 1}.example.org"
+backend = "{backend}"
+{where}
 {repo_extra}""")
     text = f"""
 [server]
@@ -49,6 +60,11 @@ janitor_listen = "127.0.0.1:0"
     path = directory / "userpub.toml"
     path.write_text(text)
     return path
+
+
+def cvmfs_double_root(directory: Path) -> Path:
+    """Where :func:`write_config` puts the cvmfs_server test double's host for ``directory``."""
+    return directory.resolve() / "double"
 
 
 def make_tarball(path: Path, files: Mapping[str, bytes], mode: str = "w:gz") -> Path:
