@@ -1,0 +1,70 @@
+"""What a verification found: problems with their precise location, and what was covered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from publisher.cvmfs_verify.hashes import ContentHash
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One violation of the specification: where (file, catalog + path, object) and what."""
+
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A reference to a content-addressed object, and who made it."""
+
+    hash: ContentHash
+    suffix: str
+    compressed: bool
+    size: int | None
+    where: str
+    loaded: bool = False  # already fetched and hash-checked by whoever referenced it
+
+    @property
+    def path(self) -> str:
+        """The object's path below the repository base."""
+        return self.hash.object_path(self.suffix)
+
+
+@dataclass
+class Report:
+    """The outcome of verifying one repository."""
+
+    location: str
+    name: str | None = None
+    revision: int | None = None
+    problems: list[Problem] = field(default_factory=list)
+    catalogs: int = 0
+    entries: int = 0
+    objects: int = 0
+    stored_bytes: int = 0
+    unreferenced: int | None = None
+
+    def add(self, where: str, what: str) -> None:
+        """Record a problem."""
+        self.problems.append(Problem(where, what))
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line describing what was verified."""
+        text = (f"{self.location}: repository {self.name} revision {self.revision}: "
+                f"{self.catalogs} catalogs, {self.entries} entries, {self.objects} objects "
+                f"({self.stored_bytes} bytes) verified")
+        if self.unreferenced:
+            text += f"; {self.unreferenced} objects not referenced by this revision"
+        if self.problems:
+            text += f"; {len(self.problems)} problems"
+        return text
