@@ -234,6 +234,27 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return run_wait(args)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify a CVMFS repository (URL or directory) against the storage-format specification."""
+    from publisher.cvmfs_verify.commands import run_verify
+
+    return run_verify(args)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List a directory of a CVMFS repository, read as a client does."""
+    from publisher.cvmfs_verify.commands import run_ls
+
+    return run_ls(args)
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    """Print a file of a CVMFS repository, read as a client does."""
+    from publisher.cvmfs_verify.commands import run_cat
+
+    return run_cat(args)
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -280,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.add_cid_parser(add("cid", cmd_cid, "print a tarball's CID (GROUP/<sha256>)"))
     client_cli.add_tar_parser(add("tar", cmd_tar, "make a reproducible tarball of a directory"))
     client_cli.add_wait_parser(add("wait", cmd_wait, "wait until a CID is visible under /cvmfs"))
+    from publisher.cvmfs_verify import commands as cvmfs_commands
+
+    cvmfs_commands.add_verify_arguments(add("verify", cmd_verify, "verify a CVMFS repository"))
+    cvmfs_commands.add_ls_arguments(add("ls", cmd_ls, "list a directory of a CVMFS repository"))
+    cvmfs_commands.add_cat_arguments(add("cat", cmd_cat, "print a file of a CVMFS repository"))
     return parser
 
 

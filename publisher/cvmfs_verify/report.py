@@ -61,8 +61,8 @@ class Report:
     def summary(self) -> str:
         """One line describing what was verified."""
         text = (f"{self.location}: repository {self.name} revision {self.revision}: "
-                f"{self.catalogs} catalogs, {self.entries} entries, {self.objects} objects "
-                f"({self.stored_bytes} bytes) verified")
+                f"{self.catalogs} catalogs, {self.entries} entries, {self.objects} objects verified "
+                f"({self.stored_bytes} bytes of file content)")
         if self.unreferenced:
             text += f"; {self.unreferenced} objects not referenced by this revision"
         if self.problems:
