@@ -15,6 +15,7 @@ from pathlib import Path
 
 DOUBLE_DIR = Path(__file__).resolve().parent
 EXECUTABLE = DOUBLE_DIR / "cvmfs_server"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def mounts_available() -> str | None:
@@ -52,7 +53,7 @@ class CvmfsServerDouble:
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """An environment in which ``cvmfs_server`` is the double."""
         env = dict(os.environ if base is None else base)
-        env["PATH"] = f"{DOUBLE_DIR}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["PATH"] = f"{DOUBLE_DIR}:{env.get('PATH', '')}:{SYSTEM_PATH}"
         env["CVMFS_SERVER_DOUBLE_ROOT"] = str(self.root)
         return env
 
