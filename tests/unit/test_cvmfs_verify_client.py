@@ -81,6 +81,21 @@ class _Proxy(BaseHTTPRequestHandler):
         pass
 
 
+class _StaleProxy(_Proxy):
+    """A proxy holding damaged copies of objects: correct only when asked to revalidate."""
+
+    def do_GET(self):
+        if "/data/" in self.path and self.headers.get("Cache-Control") != "no-cache":
+            self.seen.append("damaged " + self.path)
+            body = b"damaged copy"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        super().do_GET()
+
+
 @contextlib.contextmanager
 def _server(handler) -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -189,6 +204,16 @@ def test_everything_goes_through_the_proxy(served, proxy, pub):
         assert b"".join(r.read_file("/sw/b/big")) == BIG
     assert through and all(p.startswith(url) for p in through)
     assert len(direct) == len(through)  # every request the server saw came via the proxy
+
+
+def test_damaged_proxy_copy_is_refetched_with_no_cache(served, pub):
+    url, _ = served
+    seen: list[str] = []
+    with _server(type("Stale", (_StaleProxy,), {"seen": seen})) as proxy_url:
+        with reader(url, pub, proxy_url) as r:
+            assert b"".join(r.read_file("/sw/a/file")) == b"hello world\n"
+        assert main(["verify", url, "--key", str(pub), "--proxy", proxy_url]) == 0
+    assert any(p.startswith("damaged ") for p in seen)
 
 
 def test_wrong_master_key_refuses_to_read(served, tmp_path):
