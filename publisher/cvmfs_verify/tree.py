@@ -245,6 +245,8 @@ class CatalogWalker:
                     self.report.add(at, "linkcount 0")
                 if entry.has_xattrs:
                     counters["xattr"] += 1
+                    if problem := xattr_problem(entry.xattr or b""):
+                        self.report.add(at, problem)
                 if entry.is_dir:
                     subdirs += 1
                     counters["dir"] += 1
@@ -269,6 +271,8 @@ class CatalogWalker:
             self._check_groups(groups, dir_at)
         if root.has_xattrs:
             counters["xattr"] += 1
+            if problem := xattr_problem(root.xattr or b""):
+                self.report.add(where, problem)
         counters["dir"] += 1  # the catalog's own root directory
         dangling = [e for e in entries if e.md5 not in visited]
         if dangling:
@@ -288,6 +292,8 @@ class CatalogWalker:
             self.report.add(at, "directory in a hardlink group")
         if entry.has(FLAG_DIRECT_IO):
             self.report.add(at, "direct I/O flag on a directory")
+        if entry.flags & (FLAG_FILE | FLAG_LINK | FLAG_SPECIAL):
+            self.report.add(at, f"directory with file, link or special flags (flags {entry.flags})")
         nested, bind = entry.has(FLAG_NESTED_MOUNTPOINT), entry.has(FLAG_BIND_MOUNTPOINT)
         if not (nested or bind):
             return True
@@ -384,6 +390,21 @@ class CatalogWalker:
                 self.report.add(f"{dir_at} (hardlink group {group})",
                                 f"linkcount is {first.linkcount}, but {len(members)} entries "
                                 f"share the group")
+
+
+def xattr_problem(blob: bytes) -> str | None:
+    """Spec §6: ``uint8 version (1), uint8 count``, then per attribute ``uint8 len_key,
+    uint8 len_value, key, value``; None when ``blob`` has that shape."""
+    if len(blob) < 2 or blob[0] != 1:
+        return "xattr blob without the version-1 header"
+    offset = 2
+    for index in range(blob[1]):
+        if offset + 2 > len(blob):
+            return f"xattr blob truncated in attribute {index}"
+        offset += 2 + blob[offset] + blob[offset + 1]
+    if offset != len(blob):
+        return f"xattr blob is {len(blob)} bytes, its {blob[1]} attributes need {offset}"
+    return None
 
 
 def _label(catalog: ContentHash) -> str:

@@ -200,6 +200,13 @@ def test_catalog_size_differs_from_content(tmp_path, keys):
          f"data/{digest[:2]}/{digest[2:]} inflates to 3 bytes, expected 4")
 
 
+def test_extended_attributes_are_counted_and_parsed(tmp_path, keys):
+    good = b"\x01\x01\x04\x02user" + b"ok"
+    nodes = [Node("/x/a", data=b"a", xattr=good), Node("/x/b", data=b"b", xattr=b"\x01\x02\x01")]
+    written = write_repository(tmp_path / "repo", NAME, nodes, keys, nested=("/x",))
+    only(run(written, keys), f"catalog {written.catalogs['/x']}C /x/b: xattr blob truncated")
+
+
 def test_unreferenced_object_is_counted_not_reported(tmp_path, keys):
     written = build(tmp_path, keys)
     store(written.root, b"garbage of an older revision")
