@@ -63,11 +63,12 @@ class LocalRepository(TreeReader):
         self.ensure_layout()
         for leftover in list(self.staging.iterdir()):
             log.warning("%s: discarding staging leftover %s", self.name, leftover.name)
-            self.move_to_trash(leftover)
+            self.move_to_trash(leftover, "leftover")
 
-    def move_to_trash(self, path: Path) -> None:
-        """Take ``path`` out of sight at once; gc() deletes it later."""
-        os.rename(path, self.trash / unique_id())
+    def move_to_trash(self, path: Path, label: str) -> None:
+        """Take ``path`` out of sight at once; gc() deletes it later. ``label`` says what it
+        was (``cid``, ``aborted``, ``removed``, ``leftover``), for whoever inspects the trash."""
+        os.rename(path, self.trash / f"{unique_id()}.{label}")
 
     def gc(self) -> GcResult:
         """Delete the trash."""
@@ -105,7 +106,7 @@ class LocalTransaction:
             stats = unpack(payload, dest, limits)
         except BaseException:
             if dest.exists():
-                self.repo.move_to_trash(dest)
+                self.repo.move_to_trash(dest, "cid")
             raise
         (dest / CATALOG_MARKER).touch()
         (dest / PUBLISHER_RECORD).write_text(f"{submitter}\n")
@@ -125,7 +126,7 @@ class LocalTransaction:
             if not path.is_dir():
                 continue
             freed += tree_size(path)
-            self.repo.move_to_trash(path)
+            self.repo.move_to_trash(path, "removed")
             removed += 1
             parent = path.parent
             if parent != self.repo.cid_dir:
@@ -155,7 +156,7 @@ class LocalTransaction:
                     rename_noreplace(staged, final)
                 except FileExistsError:
                     log.info("%s: %s was published meanwhile; keeping that copy", repo.name, cid)
-                    repo.move_to_trash(staged)
+                    repo.move_to_trash(staged, "cid")
                     continue
                 parents.add(final.parent)
             for cid, who in self._stamps.items():
@@ -168,14 +169,17 @@ class LocalTransaction:
             raise RepositoryError(f"publish into {repo.name} failed: {err}") from err
         finally:
             if any(self.staging.iterdir()):
-                repo.move_to_trash(self.staging)
+                # Only an error can leave CID trees behind here; never anything else, since
+                # nothing is ever written outside a CID directory.
+                log.warning("%s: staging %s not empty after commit", repo.name, self.staging)
+                repo.move_to_trash(self.staging, "leftover")
             else:
                 self.staging.rmdir()
 
     def abort(self) -> None:
         """Discard everything staged."""
         if self.staging.exists():
-            self.repo.move_to_trash(self.staging)
+            self.repo.move_to_trash(self.staging, "aborted")
 
 
 def _write_stamp(path: Path, who: str) -> None:
