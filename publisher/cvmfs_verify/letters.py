@@ -180,21 +180,19 @@ def parse_whitelist(data: bytes) -> Whitelist:
             expires = _utc(lines[1][1:])
         except ValueError:
             problems.append(f"line 2: invalid expiry time {lines[1][1:]!r}")
-    for number, line in enumerate(lines[2:], start=3):
-        if line.startswith("N"):
-            name = line[1:]
-        elif line.startswith("V"):
-            pkcs7 = line[1:] == "pkcs7"
-        elif line.startswith("W"):
+    if len(lines) > 2 and lines[2].startswith("N"):
+        name = lines[2][1:]
+    for number, line in enumerate(lines[3:], start=4):
+        if line in ("Vpkcs7", "Wcachain"):
+            pkcs7 = pkcs7 or line == "Vpkcs7"
             continue
-        else:
-            text = re.split(r"[ \t#]", line, maxsplit=1)[0]
-            if _FINGERPRINT_RE.match(text):
-                fingerprints.append(text)
-            elif text:
-                problems.append(f"line {number}: not a certificate fingerprint: {text!r}")
+        text = re.split(r"[ \t#]", line, maxsplit=1)[0]
+        if _FINGERPRINT_RE.match(text):
+            fingerprints.append(text)
+        elif text:
+            problems.append(f"line {number}: not a certificate fingerprint: {text!r}")
     if name is None:
-        problems.append("no repository name line (N<fqrn>)")
+        problems.append("line 3 must be the repository name N<fqrn>")
     if not fingerprints:
         problems.append("no certificate fingerprint listed")
     return Whitelist(expires, name, tuple(fingerprints), letter, pkcs7, problems)

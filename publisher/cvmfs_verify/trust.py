@@ -109,7 +109,8 @@ def _whitelist(source: Source, manifest: Manifest, certificate: x509.Certificate
             add(where, problem)
     if whitelist.pkcs7:
         add(where, "PKCS#7 whitelists (Vpkcs7) are not supported by this verifier")
-    if whitelist.expires is not None and now >= whitelist.expires:
+    # clients compare at hour granularity: expired from the first second of the expiry's hour
+    if whitelist.expires is not None and now // 3600 >= whitelist.expires // 3600:
         expired = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(whitelist.expires))
         add(where, f"expired at {expired}")
     if whitelist.name is not None and whitelist.name != manifest.name:

@@ -3,7 +3,9 @@ once, with a precise location. Repositories come from the spec-only fixture writ
 
 from __future__ import annotations
 
+import calendar
 import sqlite3
+import time
 import zlib
 from pathlib import Path
 
@@ -137,6 +139,14 @@ def test_unsigned_whitelist(tmp_path, keys):
 def test_expired_whitelist(tmp_path, keys):
     report = run(build(tmp_path, keys, Tweaks(whitelist_expires_in=-7200)), keys)
     only(report, "whitelist .cvmfswhitelist: expired at")
+
+
+def test_whitelist_expiry_has_hour_granularity(tmp_path, keys):
+    written = build(tmp_path, keys)
+    stamp = (written.root / ".cvmfswhitelist").read_text(errors="replace").split("\n")[1][1:]
+    hour = calendar.timegm(time.strptime(stamp, "%Y%m%d%H%M%S")) // 3600 * 3600
+    assert run(written, keys, now=hour - 1).ok
+    only(run(written, keys, now=hour), "whitelist .cvmfswhitelist: expired at")
 
 
 def test_whitelist_signed_by_another_master_key(tmp_path, keys):
