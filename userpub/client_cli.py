@@ -345,6 +345,9 @@ def run_wait(args: argparse.Namespace) -> int:
     if not repos:
         _error("give --repos R1,R2,... (or set USERPUB_REPOS)")
         return Exit.USAGE
+    if args.interval <= 0 or args.timeout < 0:
+        _error("--interval must be positive and --timeout not negative")
+        return Exit.USAGE
     try:
         cid = validate_cid(args.cid)
     except InvalidCid as err:

@@ -101,6 +101,7 @@ def test_wait_command_usage(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("USERPUB_REPOS", raising=False)
     assert main(["wait", "g/x", "--mount-root", str(tmp_path)]) == 2
     assert main(["wait", "../x", "--repos", "r", "--timeout", "0"]) == 1
+    assert main(["wait", "g/x", "--repos", "r", "--interval", "0"]) == 2
     assert "--repos" in capsys.readouterr().err
 
 
