@@ -57,6 +57,9 @@ class RepositoryConfig:
     replica: Path | None = None
     command_timeout: float = 1800.0
     cvmfs_ingest: bool = False  # cvmfs-server: stream tarballs into `cvmfs_server ingest`
+    keys: Path | None = None  # cvmfs-native: key directory (default <state>/keys)
+    whitelist_days: int = 30  # cvmfs-native: lifetime of a signed whitelist
+    gc_keep_hours: float = 24.0  # cvmfs-native: gc keeps revisions younger than this
 
     def is_hosted_on(self, server_name: str) -> bool:
         """True when the server named ``server_name`` publishes into this repository."""
@@ -288,12 +291,16 @@ def _parse_repository(sec: _Section) -> RepositoryConfig:
     cvmfs_ingest = sec.boolean("cvmfs_ingest", False)
     if cvmfs_ingest and backend != "cvmfs-server":
         sec.problems.append(f"{sec.where}.cvmfs_ingest: only for the cvmfs-server backend")
+    keys = sec.path("keys", None)
+    whitelist_days = sec.integer("whitelist_days", 30, minimum=1, maximum=3650)
+    gc_keep_hours = sec.number("gc_keep_hours", 24.0)
     if backend in ("local", "cvmfs-native") and root is None:
         sec.problems.append(f"{sec.where}.root: required by the {backend} backend")
     sec.finish()
     return RepositoryConfig(name=name, host=host, backend=backend, root=root, mount=mount,
                             replica=replica, command_timeout=timeout,
-                            cvmfs_ingest=cvmfs_ingest)
+                            cvmfs_ingest=cvmfs_ingest, keys=keys,
+                            whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours)
 
 
 def _parse_publisher(sec: _Section) -> PublisherConfig:
