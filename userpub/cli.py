@@ -126,6 +126,26 @@ def cmd_janitor(args: argparse.Namespace) -> int:
             write_textfile(registry, Path(args.metrics_textfile))
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Serve the HTTPS publication API (and the plain-HTTP ping/config/metrics listener)."""
+    from prometheus_client import CollectorRegistry
+
+    from ingest.server import run_ingest
+    from metrics import SpoolCollector
+    from spool import Spool
+
+    config = _config(args)
+    if config.ingest is None:
+        raise Fatal(f"{config.path} has no [ingest] section: this server takes no uploads")
+    registry = CollectorRegistry()
+    registry.register(SpoolCollector(Spool(config.server.spool).depth, config.server.name))
+    waker = Waker()
+    install_signal_handlers(waker)
+    run_ingest(config, waker, registry,
+               ready_file=Path(args.ready_file) if args.ready_file else None)
+    return 0
+
+
 def cmd_drop(args: argparse.Namespace) -> int:
     """Copy a tarball into the spool atomically; print the CID."""
     from spool import DropResult, Spool
@@ -284,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", help="judge ages as if it were this ISO 8601 time")
     p.add_argument("--once", action="store_true", help="run what the rota has due, then exit")
     p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
+    p = add("ingest", cmd_ingest, "serve the HTTPS publication API")
+    p.add_argument("--ready-file", help="write the bound addresses here (JSON) once serving")
     p = add("drop", cmd_drop, "queue a tarball for publication (atomic)")
     p.add_argument("tarball")
     p.add_argument("--cid", help="content ID (default: the tarball's sha256)")
