@@ -28,10 +28,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
+from zlib import adler32
 
 CHUNK = 1 << 20
 QUEUE_DEPTH = 4
 _PIPE_SIZE = 1 << 20
+OCTAL = b"01234567"
 
 
 class UnpackError(Exception):
@@ -66,10 +68,16 @@ _OTHER_FORMATS = (
 def tar_checksum_ok(block: bytes) -> bool:
     """True if the 512-byte *block* is a tar header with a valid (unsigned or signed) checksum."""
     field = block[148:156].split(b"\0", 1)[0].strip()
-    if not field or not all(48 <= c <= 55 for c in field):
+    if not field or field.strip(OCTAL):
         return False
     stored = int(field, 8)
-    unsigned = sum(block) - sum(block[148:156]) + 256
+    # Byte sums via Adler-32's low half: exact for up to 256 bytes (255 * 256 < 65521).
+    unsigned = (
+        (adler32(block[:256]) & 0xFFFF)
+        + (adler32(block[256:]) & 0xFFFF)
+        - (adler32(block[148:156]) & 0xFFFF)
+        + 255
+    )
     if stored == unsigned:
         return True
     signed = sum((c ^ 0x80) - 0x80 for c in block) - sum((c ^ 0x80) - 0x80 for c in block[148:156])

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from publisher.decompress import ChunkSource, UnpackError, tar_checksum_ok
+from publisher.decompress import OCTAL, ChunkSource, UnpackError, tar_checksum_ok
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)
@@ -43,11 +43,9 @@ def _number(field: bytes) -> int:
         n = int.from_bytes(field[1:], "big")
         return n - (1 << (8 * len(field) - 8)) if field[0] == 0xFF else n
     digits = field.split(b"\0", 1)[0].strip()
-    if not digits:
-        return 0
-    if not all(48 <= c <= 55 for c in digits):
+    if digits.strip(OCTAL):
         raise ValueError
-    return int(digits, 8)
+    return int(digits, 8) if digits else 0
 
 
 def _pax_time(value: bytes) -> int:
@@ -261,8 +259,10 @@ class TarReader:
                 what = _SPECIAL.get(flag) or f"unsupported member type {show(flag)}"
                 raise UnpackError(f"member {show(name)}: {what} not allowed")
             if kind == REG:
-                if flag == b"\0" and name.endswith(b"/"):
-                    kind, size = DIR, 0
+                if name.endswith(b"/"):  # old archives store directories this way
+                    if size:
+                        raise UnpackError(f"member {show(name)}: file name ends with '/'")
+                    kind = DIR
             else:
                 size = 0  # like GNU tar and tarfile: no data follows dirs and links
             mtime_ns = min(max(mtime_ns, -_TLIM), _TLIM)

@@ -5,12 +5,15 @@
 For each format: one warm-up of each contender, then N back-to-back pairs (the order alternates
 between pairs), each extraction into a fresh directory on the same disk as the cache. Nothing is
 deleted during a timed set: on this ext4 without a journal, unpacking right after a mass delete
-is 10-30x slower (limits.md, quirk 2). All trees are removed at the end.
+is 10-30x slower (limits.md, quirk 2). The trees are removed at the end, followed by a sync and
+a 65 s pause so that benchmarks run right after this one are not slowed down by the deletion
+(--no-settle skips the pause, --keep keeps the trees).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(".bench"))
     ap.add_argument("--formats", default="gzip,bzip2")
     ap.add_argument("--keep", action="store_true", help="do not delete the extracted trees")
+    ap.add_argument("--no-settle", action="store_true", help="no pause after deleting them")
     args = ap.parse_args(argv)
     corpus = make_corpus(args.cache, args.scale)
     tarballs = make_tarballs(corpus, args.cache / "tarballs")
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+            os.sync()
+            if not args.no_settle:
+                print("deleted the trees; waiting 65 s for ext4 to settle", flush=True)
+                time.sleep(65)
     print(f"\n{'format':8s} {'tar s':>8s} {'unpack s':>9s} {'ratio':>6s} {'goal':>5s}")
     ok = True
     for fmt, t, u in results:

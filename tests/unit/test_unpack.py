@@ -402,3 +402,13 @@ def test_same_tree_as_gnu_tar(tmp_path: Path) -> None:
         return sorted(out)
 
     assert listing(tmp_path / "ours") == listing(tmp_path / "ref")
+
+
+def test_old_style_directory_entries(tmp_path: Path) -> None:
+    old_dir = info("olddir/", tarfile.AREGTYPE, mode=0o755)
+    bad = info("notadir/", size=1)
+    src = write_tarball(tmp_path / "t", [(old_dir, None), reg("olddir/f", b"f")])
+    unpack(src, tmp_path / "dest")
+    assert (tmp_path / "dest/olddir").is_dir()
+    with pytest.raises(UnpackError, match="ends with '/'"):
+        unpack(write_tarball(tmp_path / "t2", [(bad, b"x")]), tmp_path / "dest2")
