@@ -7,8 +7,8 @@ repositories (:meth:`publisher.catalog.Catalog.last_access`), is older than ``ma
 Locking and safety (:func:`clean`):
 
 1. The janitor takes the repository's *transaction* lock (the one every publish of that
-   repository takes; never the publisher's lifetime lock) and holds it for the whole cleanup:
-   that repository's publishing waits, the others go on.
+   repository takes; never the publisher's lifetime lock) and holds it from before the scan
+   until the transaction is committed: that repository's publishing waits, the others go on.
 2. Under the lock it records ``scan_started`` and scans. The repository's own publisher is
    excluded, so nothing of this repository changes until the lock is released.
 3. Other repositories' publishers keep running and may stamp (or publish) a CID of this
@@ -20,11 +20,17 @@ Locking and safety (:func:`clean`):
 4. All removals happen in one transaction; the local backend removes a CID by one rename into
    its trash, so a crash (even ``kill -9``) leaves each CID fully there or fully gone, and the
    next cleanup (``recover()`` under the same lock, then ``gc()``) disposes of the leftovers.
-5. ``gc()`` runs under the lock, as the backend's contract demands (``cvmfs_server gc`` needs
-   no open transaction). After the lock is released, one ``syncfs``: on ext4 without a journal,
-   freshly freed inodes are skipped by the allocator for 60 s, or 360 s while their inode-table
-   blocks are dirty, which makes file creation many times slower; the flush shortens that
-   window for the publishes that follow without holding publishing up while it runs.
+5. Garbage collection. ``cvmfs_server gc`` and the native writer's gc need the repository to
+   themselves, so for those backends ``gc()`` runs under the lock. The local backend's ``gc()``
+   only deletes its trash, which its publisher also does without the lock (``idle()``), and
+   deleting a day's worth of trees can take minutes on this disk: the janitor releases the lock
+   first, so publishing resumes at once. Publishes that overlap the deletion are slowed (ext4
+   without a journal makes the allocator skip inodes freed in the last 60 s, or 360 s while
+   their inode-table blocks are dirty), never stopped; one ``syncfs`` after the deletion
+   shortens that window.
+6. A backend that applies removals only at commit could still see a CID used after its
+   re-check; just before the commit every removal still pending is judged once more, and any
+   late use aborts the whole transaction (the next run starts over).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from filelock import FileLock, Timeout
@@ -43,7 +49,13 @@ from filelock import FileLock, Timeout
 from janitor.spoolclean import SpoolItem, expired_failed, remove_failed, stale_tmp
 from publisher.catalog import Catalog
 from publisher.daemon import transaction_lock_path
-from publisher.repositories import Repository, RepositoryReader, open_reader, open_repository
+from publisher.repositories import (
+    LocalRepository,
+    Repository,
+    RepositoryReader,
+    open_reader,
+    open_repository,
+)
 from publisher.repositories.tree import TreeReader
 from spool import Spool
 from spool.fsutil import syncfs
@@ -105,6 +117,7 @@ class CleanupResult:
     failed_entries: int = 0
     tmp_entries: int = 0
     completed: bool = True
+    lock_seconds: float = 0.0  # how long this repository's publishing was held up
 
 
 @dataclass(frozen=True)
@@ -157,32 +170,43 @@ def check_readable(catalog: Catalog) -> None:
 
 def clean(config: Config, repo_name: str, *, as_of: float | None = None,
           clock: Callable[[], float] = time.time, should_stop: Callable[[], bool] = _never,
-          progress: Callable[[int, int], None] | None = None) -> CleanupResult:
+          progress: Callable[[int, int], None] | None = None,
+          repository: Repository | None = None, catalog: Catalog | None = None
+          ) -> CleanupResult:
     """Clean the hosted repository ``repo_name`` now (see the module docstring).
 
     ``as_of`` (default: the scan's start) is the time ages are judged at. ``should_stop`` is
     polled while waiting for the lock and between removals; ``progress(done, total)`` is called
-    after each CID is handled. Spool housekeeping follows, outside the lock.
+    after each CID is handled. Spool housekeeping follows, outside the lock. ``repository``
+    and ``catalog`` default to the configured ones.
     """
     repo_cfg = config.repository(repo_name)
     if not repo_cfg.is_hosted_on(config.server.name):
         raise CleanupError(f"repository {repo_name} is published by {repo_cfg.host}, "
                            f"not by this server ({config.server.name})")
-    repository = open_repository(config, repo_cfg)
-    catalog = Catalog.from_config(config)
+    if repository is None:
+        repository = open_repository(config, repo_cfg)
+    if catalog is None:
+        catalog = Catalog.from_config(config)
     started, t0 = clock(), time.monotonic()
     config.lock_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(transaction_lock_path(config, repo_name), poll_interval=0.01)
     if not _acquire(lock, repo_name, should_stop):
         return CleanupResult(repo_name, started, time.monotonic() - t0, completed=False)
+    local = isinstance(repository, LocalRepository)
+    locked_at = time.monotonic()
     try:
         log.info("%s: cleanup started (holding %s)", repo_name, lock.lock_file)
         result = _clean_locked(repository, catalog, config.janitor.max_days, as_of, clock,
                                should_stop, progress)
+        if result.completed and not local:
+            _collect_garbage(repository)
     finally:
         lock.release()
-    if result.completed:
-        _flush(repository)
+    lock_seconds = time.monotonic() - locked_at
+    log.info("%s: released the lock after %.2f s", repo_name, lock_seconds)
+    if result.completed and local:
+        _collect_garbage(repository)
     now = clock()
     spool = Spool(config.server.spool)
     failed_age = config.janitor.failed_days * DAY
@@ -190,8 +214,8 @@ def clean(config: Config, repo_name: str, *, as_of: float | None = None,
     failed = remove_failed(spool, expired_failed(spool, judged_at, failed_age), judged_at,
                            failed_age)
     tmp = spool.clean_tmp(config.janitor.tmp_grace_hours * HOUR, now) if spool.tmp.is_dir() else 0
-    return CleanupResult(repo_name, started, time.monotonic() - t0, result.cids, result.stamps,
-                         result.bytes_freed, result.spared, failed, tmp, result.completed)
+    return replace(result, started=started, duration=time.monotonic() - t0,
+                   lock_seconds=lock_seconds, failed_entries=failed, tmp_entries=tmp)
 
 
 def _acquire(lock: FileLock, name: str, should_stop: Callable[[], bool]) -> bool:
@@ -222,6 +246,7 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
              j.scanned, iso_time(j.cutoff), len(j.orphan_stamps))
     cids = stamps = freed = spared = 0
     completed = True
+    removed: list[str] = []
     with repository.transaction() as txn:
         for done, item in enumerate(j.expired, start=1):
             if should_stop():
@@ -234,10 +259,11 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                          iso_time(last))
             elif last is not None:
                 _make_removable(repository, item.cid)
-                removed = txn.remove([item.cid])
-                cids += removed.cids
-                freed += removed.bytes_freed
-                if removed.cids:
+                result = txn.remove([item.cid])
+                cids += result.cids
+                freed += result.bytes_freed
+                if result.cids:
+                    removed.append(item.cid)
                     log.info("%s: removed %s (last used %s, %.1f days before %s)", name,
                              item.cid, iso_time(last), (j.as_of - last) / DAY, iso_time(j.as_of))
             if progress is not None:
@@ -247,12 +273,32 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
             if catalog.locate(cid) is None and stamped is not None and \
                     stamped < scan_started - TIME_SLACK:
                 stamps += txn.remove((), [cid]).stamps
-    if completed:
-        gc = repository.gc()
-        log.info("%s: garbage collection freed %d bytes in %.1f s", name, gc.bytes_freed,
-                 gc.seconds)
+        _check_deferred(repository, catalog, j, removed)
     return CleanupResult(name, scan_started, 0.0, cids, stamps, freed, spared,
                          completed=completed)
+
+
+def _check_deferred(repository: Repository, catalog: Catalog, j: Judgement,
+                    removed: list[str]) -> None:
+    """Abort (raise) if a removal not yet visible concerns a CID used since the re-check.
+
+    The local backend's removals take effect at once, so this finds nothing there; backends
+    that apply removals at commit (``cvmfs_server publish``) can still change their mind.
+    """
+    late = [cid for cid in removed if repository.contains(cid)
+            and not j.is_expired(catalog.last_access(cid))]
+    if late:
+        raise CleanupError(f"{len(late)} CIDs (e.g. {late[0]}) were used while their removal "
+                           "was pending; transaction aborted, the next run starts over")
+
+
+def _collect_garbage(repository: Repository) -> None:
+    gc = repository.gc()
+    log.info("%s: garbage collection freed %d bytes in %.1f s", repository.name,
+             gc.bytes_freed, gc.seconds)
+    if isinstance(repository, LocalRepository):
+        with contextlib.suppress(OSError):
+            syncfs(repository.root)
 
 
 def _make_removable(repository: Repository, cid: str) -> None:
@@ -261,7 +307,7 @@ def _make_removable(repository: Repository, cid: str) -> None:
     Moving a directory to another parent rewrites its ``..`` entry, which needs write access
     to the directory itself; read-only trees inside are handled by the backend's gc.
     """
-    if not isinstance(repository, TreeReader):
+    if not isinstance(repository, LocalRepository):
         return
     path = repository.path_of(cid)
     for p in (path.parent, path) if path.parent != repository.cid_dir else (path,):
@@ -269,12 +315,6 @@ def _make_removable(repository: Repository, cid: str) -> None:
             st = os.lstat(p)
             if stat.S_ISDIR(st.st_mode) and (st.st_mode & 0o700) != 0o700:
                 os.chmod(p, stat.S_IMODE(st.st_mode) | 0o700)
-
-
-def _flush(repository: Repository) -> None:
-    if isinstance(repository, TreeReader):
-        with contextlib.suppress(OSError):
-            syncfs(repository.root)
 
 
 def preview(config: Config, repo_name: str, *, as_of: float | None = None,

@@ -47,9 +47,10 @@ def record_result(metrics: JanitorMetrics, store: StateStore | None, result: Cle
     name = result.repository
     outcome = "success" if result.completed else "interrupted"
     log.info("%s: cleanup %s: %d CIDs, %d stamps, %d bytes freed; %d failed entries and %d tmp "
-             "leftovers removed; %d CIDs kept (used during the cleanup); %.2f s", name, outcome,
-             result.cids, result.stamps, result.bytes_freed, result.failed_entries,
-             result.tmp_entries, result.spared, result.duration)
+             "leftovers removed; %d CIDs kept (used during the cleanup); %.2f s, publishing "
+             "held up %.2f s", name, outcome, result.cids, result.stamps, result.bytes_freed,
+             result.failed_entries, result.tmp_entries, result.spared, result.duration,
+             result.lock_seconds)
     metrics.runs.labels(name, outcome).inc()
     metrics.removed_cids.labels(name).inc(result.cids)
     metrics.removed_stamps.labels(name).inc(result.stamps)
