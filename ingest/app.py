@@ -163,9 +163,11 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
                      close=True)
 
     def receive(environ: dict[str, Any], length: int | None,
-                write: Callable[[bytes], None] | None) -> int:
+                write: Callable[[memoryview | bytes], None] | None) -> int:
         """Read the whole body into ``write`` (None: discard); the byte count."""
         stream = environ["wsgi.input"]
+        readinto = getattr(stream, "readinto", None)  # ours: no copy, no allocation per read
+        buffer = memoryview(bytearray(CHUNK))
         total = 0
         next_check = SPACE_CHECK_BYTES
         metrics.uploads_in_progress.inc()
@@ -173,7 +175,7 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
             while length is None or total < length:
                 want = CHUNK if length is None else min(CHUNK, length - total)
                 try:
-                    data = stream.read(want)
+                    data = buffer[:readinto(buffer[:want])] if readinto else stream.read(want)
                 except OSError as err:
                     if TOO_LARGE in str(err):
                         raise too_large() from None

@@ -5,10 +5,11 @@
   everybody else for ``socket_timeout`` seconds.
 * ``Expect: 100-continue`` is answered only when the application starts reading the body, so
   a request refused before that (403, 400, 413, 507) costs the client no upload.
-* Request bodies are read in bounded pieces: chunked bodies by :class:`ChunkedReader` (cheroot's
-  reader holds a whole chunk in memory, however large the client made it), and bodies left
-  unread are drained 1 MiB at a time (cheroot reads them in one allocation) -- or the
-  connection is closed, when the client has not sent them or they are chunked.
+* Request bodies are received into the caller's buffer (``readinto``), bypassing cheroot's
+  pure-Python buffered reader; chunked bodies are de-chunked in bounded pieces (cheroot's
+  reader holds a whole chunk in memory, however large the client made it); bodies left unread
+  are drained 1 MiB at a time (cheroot reads them in one allocation) -- or the connection is
+  closed, when the client has not sent them or they are chunked.
 * A connection closed while the client is still sending its body lingers: what arrives is
   read and discarded for up to ``LINGER_SECONDS``, so that clients which send the whole body
   before reading (python-requests) see the 413 or 403 instead of a connection reset.
@@ -21,7 +22,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from cheroot import server as cheroot_server
 
@@ -34,11 +35,106 @@ LINGER_SECONDS = 10.0
 TOO_LARGE = "Request Entity Too Large"
 
 
-class ChunkedReader:
-    """De-chunks a request body; never holds more than the caller asked for."""
+class Source(Protocol):
+    """Where request bodies come from: lines and small reads buffered, bulk data direct."""
 
-    def __init__(self, rfile: Any, maxlen: int) -> None:
+    def readline(self, limit: int) -> bytes: ...
+    def read(self, size: int) -> bytes: ...
+    def readinto(self, view: memoryview) -> int: ...
+
+
+class SocketSource:
+    """The connection's stream: cheroot's buffered reader for lines and small reads, and
+    ``recv_into`` on the socket for bulk data once that buffer is empty.
+
+    cheroot's reader is the pure-Python ``_pyio.BufferedReader``, which allocates a buffer
+    of the requested size for every TLS record it reads; receiving straight into the
+    caller's buffer is several times cheaper. ``on_first_read`` runs before the first read
+    (it sends ``100 Continue``).
+    """
+
+    def __init__(self, rfile: Any, sock: Any, on_first_read: Callable[[], None] | None = None
+                 ) -> None:
         self.rfile = rfile
+        self.sock = sock
+        self.on_first_read = on_first_read
+
+    def _start(self) -> None:
+        if self.on_first_read is not None:
+            callback, self.on_first_read = self.on_first_read, None
+            callback()
+
+    def readline(self, limit: int) -> bytes:
+        """A line (at most ``limit`` bytes), through cheroot's buffer."""
+        self._start()
+        line: bytes = self.rfile.readline(limit)
+        return line
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes through cheroot's buffer (for small reads)."""
+        self._start()
+        data: bytes = self.rfile.read(size)
+        return data
+
+    def readinto(self, view: memoryview) -> int:
+        """Receive some bytes into ``view``: what cheroot buffered first, then the socket."""
+        self._start()
+        if self.rfile.has_data():
+            data = self.rfile.read(min(len(view), len(self.rfile.peek(1))))
+            view[:len(data)] = data
+            return len(data)
+        received: int = self.sock.recv_into(view)
+        return received
+
+
+def _fill(read_some: Callable[[memoryview], int], view: memoryview) -> int:
+    """Call ``read_some`` until ``view`` is full or it returns 0; the bytes read."""
+    got = 0
+    while got < len(view):
+        n = read_some(view[got:])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+class BodyReader:
+    """A body of known length (Content-Length); b'' once it is read or the peer is gone."""
+
+    def __init__(self, source: Source, length: int) -> None:
+        self.source = source
+        self.remaining = length
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` as far as the body goes (fewer bytes only at its end or at EOF)."""
+        want = min(len(view), self.remaining)
+        if want <= 0:
+            return 0
+        got = _fill(self.source.readinto, view[:want])
+        self.remaining -= got
+        return got
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left when ``size`` is None or negative)."""
+        want = self.remaining if size is None or size < 0 else min(size, self.remaining)
+        buffer = bytearray(want)
+        return bytes(buffer[:self.readinto(memoryview(buffer))])
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """A line of the body (the API never reads bodies by line)."""
+        if self.remaining <= 0:
+            return b""
+        limit = self.remaining if size is None or size < 0 else min(size, self.remaining)
+        line = self.source.readline(limit)
+        self.remaining -= len(line)
+        return line
+
+
+class ChunkedReader:
+    """De-chunks a request body; never holds more than the caller's buffer."""
+
+    def __init__(self, source: Source, maxlen: int) -> None:
+        self.source = source
         self.maxlen = maxlen
         self.left = 0  # bytes left in the current chunk
         self.total = 0
@@ -50,7 +146,7 @@ class ChunkedReader:
         return self.done
 
     def _line(self) -> bytes:
-        line: bytes = self.rfile.readline(MAX_LINE)
+        line = self.source.readline(MAX_LINE)
         if not line.endswith(b"\n"):
             raise ValueError("truncated chunked body" if len(line) < MAX_LINE
                              else "chunk header line too long")
@@ -72,29 +168,37 @@ class ChunkedReader:
             raise ValueError("too many trailer lines")
         self.left = size
 
+    def _read_some(self, view: memoryview) -> int:
+        if self.done:
+            return 0
+        if self.left == 0:
+            self._next_chunk()
+            if self.done:
+                return 0
+        n = self.source.readinto(view[:min(len(view), self.left)])
+        if n == 0:
+            raise ValueError("truncated chunked body")
+        self.left -= n
+        self.total += n
+        if self.maxlen and self.total > self.maxlen:
+            raise OSError(TOO_LARGE)
+        if self.left == 0 and self.source.read(2) != b"\r\n":
+            raise ValueError("chunk not followed by CRLF")
+        return n
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` with body bytes (fewer only at the end); ValueError/OSError if bad."""
+        return _fill(self._read_some, view)
+
     def read(self, size: int | None = -1) -> bytes:
-        """Up to ``size`` body bytes (b'' at the end); ValueError/OSError on a bad body."""
+        """Up to ``size`` body bytes (b'' at the end)."""
         if size is None or size < 0:
             parts = []
             while part := self.read(DRAIN_CHUNK):
                 parts.append(part)
             return b"".join(parts)
-        if self.done or size == 0:
-            return b""
-        if self.left == 0:
-            self._next_chunk()
-            if self.done:
-                return b""
-        data: bytes = self.rfile.read(min(size, self.left))
-        if not data:
-            raise ValueError("truncated chunked body")
-        self.left -= len(data)
-        self.total += len(data)
-        if self.maxlen and self.total > self.maxlen:
-            raise OSError(TOO_LARGE)
-        if self.left == 0 and self.rfile.read(2) != b"\r\n":
-            raise ValueError("chunk not followed by CRLF")
-        return data
+        buffer = bytearray(size)
+        return bytes(buffer[:self.readinto(memoryview(buffer))])
 
     def readline(self, size: int | None = -1) -> bytes:
         """A line of the body (slow; the API never reads bodies by line)."""
@@ -105,27 +209,6 @@ class ChunkedReader:
             if not byte or byte == b"\n":
                 break
         return bytes(out)
-
-
-class _ContinueOnRead:
-    """Wraps the connection's reader: sends ``100 Continue`` before the first body read."""
-
-    def __init__(self, rfile: Any, request: GridRequest) -> None:
-        self._rfile = rfile
-        self._request = request
-
-    def read(self, size: int | None = -1) -> bytes:
-        self._request.send_continue()
-        data: bytes = self._rfile.read(size)
-        return data
-
-    def readline(self, size: int | None = -1) -> bytes:
-        self._request.send_continue()
-        data: bytes = self._rfile.readline(size)
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._rfile, name)
 
 
 class GridRequest(cheroot_server.HTTPRequest):
@@ -163,13 +246,12 @@ class GridRequest(cheroot_server.HTTPRequest):
 
     def respond(self) -> None:
         """cheroot's respond(), with our readers for the body."""
-        source = _ContinueOnRead(self.conn.rfile, self) if self.expect_continue \
-            else self.conn.rfile
+        source = SocketSource(self.conn.rfile, self.conn.socket,
+                              self.send_continue if self.expect_continue else None)
         if self.chunked_read:
             self.rfile = ChunkedReader(source, self.body_limit)
         else:
-            length = int(self.inheaders.get(b"Content-Length", 0))
-            self.rfile = cheroot_server.KnownLengthRFile(source, length)
+            self.rfile = BodyReader(source, int(self.inheaders.get(b"Content-Length", 0)))
         self.server.gateway(self).respond()
         if self.ready:
             self.ensure_headers_sent()
