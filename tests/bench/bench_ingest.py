@@ -1,0 +1,194 @@
+"""Ingest benchmark: upload throughput over TLS against nginx, and ``exists`` requests/second.
+
+* A 1 GiB body uploaded over TLS on loopback with curl (``-T file``, as jobsub's fallback
+  does), alternately to our ingest server (``POST /pubapi/publish``, a client proxy, the body
+  fsynced into the spool) and to nginx from Debian (WebDAV ``PUT``, the body stored in a file,
+  ``client_body_buffer_size 1m``, one worker; it gets the user certificate, since nginx
+  cannot verify proxies). Medians of ``--runs`` back-to-back pairs; the
+  ratio ours/nginx is the figure of merit (goal >= 0.7).
+* ``exists`` requests per second over TLS with keep-alive: curl with many URLs per connection,
+  one connection and ``--parallel`` connections.
+
+    python -m tests.bench.bench_ingest [--size-mib 1024] [--runs 5] [--dir .bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.pki import IngestProcess, TestPKI, ingest_config
+
+MIB = 1 << 20
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    client_body_buffer_size 1m;
+    client_max_body_size 4g;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_verify_client optional_no_ca;
+        location /store/ {{
+            root {dir};
+            dav_methods PUT;
+            create_full_put_path on;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Nginx:
+    """A throwaway nginx storing PUT bodies under ``<dir>/store/``."""
+
+    def __init__(self, directory: Path, pki: TestPKI) -> None:
+        self.dir = directory
+        (directory / "body").mkdir(parents=True)
+        (directory / "store").mkdir()
+        self.port = free_port()
+        conf = directory / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=directory, port=self.port, cert=pki.host_cert,
+                                          key=pki.host_key))
+        self.proc = subprocess.Popen(["nginx", "-p", str(directory), "-e",
+                                      str(directory / "error.log"), "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"nginx failed: {self.proc.stderr.read()!r}") from None
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        self.proc.wait(30)
+
+
+def curl_upload(url: str, source: Path, pki: TestPKI, method: str, cred: str) -> float:
+    """Seconds to upload ``source`` (HTTP 2xx required)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "-T",
+         str(source), "-X", method, "--cert", str(pki[cred]), "--key", str(pki[cred]),
+         "--cacert", str(pki.ca_file), url], capture_output=True, text=True, check=True)
+    code, seconds = out.stdout.split()
+    if not code.startswith("2"):
+        raise RuntimeError(f"{url}: HTTP {code}")
+    return float(seconds)
+
+
+def exists_rate(base: str, pki: TestPKI, work: Path, count: int, parallel: int) -> float:
+    """``exists`` answers per second with keep-alive connections (curl, many URLs)."""
+    config = work / f"urls-{parallel}.txt"
+    config.write_text("".join(f'url = "{base}/pubapi/exists?cid=grp/c{i}"\noutput = "/dev/null"\n'
+                              for i in range(count)))
+    args = ["curl", "-sS", "--fail", "--cert", str(pki["proxy"]), "--key", str(pki["proxy"]),
+            "--cacert", str(pki.ca_file), "-K", str(config)]
+    if parallel > 1:
+        args[1:1] = ["--parallel", "--parallel-max", str(parallel)]
+    start = time.monotonic()
+    subprocess.run(args, check=True, capture_output=True)
+    return count / (time.monotonic() - start)
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--dir", default=".bench")
+    args = parser.parse_args(argv)
+    for tool in ("curl", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"skipped: {tool} is not installed (apt-get install {tool})")
+            return 0
+    base_dir = Path(args.dir).resolve()
+    base_dir.mkdir(parents=True, exist_ok=True)
+    size = args.size_mib * MIB
+    if shutil.disk_usage(base_dir).free < size * (2 * args.runs + 2):
+        print(f"skipped: needs {size * (2 * args.runs + 2) >> 30} GiB free in {base_dir}")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="ingest-", dir=base_dir))
+    try:
+        return _run(work, size, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(work: Path, size: int, args: argparse.Namespace) -> int:
+    pki = TestPKI(work / "pki")
+    source = work / "upload.tar"
+    block = os.urandom(MIB)
+    with source.open("wb") as fh:
+        for _ in range(size // MIB):
+            fh.write(block)
+    config = ingest_config(work / "site", pki, http=False, max_upload_bytes=size + MIB,
+                           threads=16)
+    ours = IngestProcess(config, work / "ingest.log")
+    nginx = Nginx(work / "nginx", pki)
+    times: dict[str, list[float]] = {"userpub": [], "nginx": []}
+    try:
+        for i in range(args.runs):
+            times["userpub"].append(curl_upload(
+                f"https://{ours.https}/pubapi/publish?cid=bench/run{i}", source, pki, "POST", "proxy"))
+            times["nginx"].append(curl_upload(
+                f"https://127.0.0.1:{nginx.port}/store/run{i}", source, pki, "PUT", "usercert"))
+        for name in ("userpub", "nginx"):
+            print(f"{name:8s} upload {size / MIB:.0f} MiB over TLS: "
+                  + " ".join(f"{t:.2f}" for t in times[name]) + " s")
+        rate = {k: size / statistics.median(v) / MIB for k, v in times.items()}
+        print(f"median throughput: userpub {rate['userpub']:.0f} MiB/s, "
+              f"nginx {rate['nginx']:.0f} MiB/s")
+        print(f"upload throughput ratio userpub/nginx: {rate['userpub'] / rate['nginx']:.2f} "
+              "(goal >= 0.7)")
+        print(f"userpub server peak RSS: {peak_rss_mib(ours.pid):.1f} MiB")
+        for parallel in (1, 8):
+            rps = exists_rate(f"https://{ours.https}", pki, work, args.requests, parallel)
+            print(f"exists over TLS, keep-alive, {parallel} connection(s): {rps:.0f} requests/s")
+    finally:
+        nginx.stop()
+        ours.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
