@@ -21,7 +21,7 @@ MAX_TRAILING = 64 << 20  # data accepted after the end-of-archive marker
 REG, DIR, SYM, LNK = "file", "directory", "symlink", "hardlink"
 _KINDS = {b"0": REG, b"\0": REG, b"7": REG, b"5": DIR, b"2": SYM, b"1": LNK}
 _SPECIAL = {b"3": "character device", b"4": "block device", b"6": "fifo", b"S": "sparse file"}
-_META = (b"x", b"g", b"L", b"K")
+_META = (b"x", b"g", b"X", b"L", b"K")  # X: old Solaris pax header
 _NS = 1_000_000_000
 _TLIM = 1 << 62  # clamp mtimes (ns) to what utime accepts
 
@@ -79,10 +79,11 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
 
 
 class TarReader:
-    """Iterate over members; the caller must consume each regular file's data.
+    """Iterate over the members of a tar stream.
 
-    Call :meth:`copy_to` or :meth:`skip_data` for each REG member before advancing.
-    *max_headers* and *max_meta* bound the work a hostile archive can cause.
+    The data of the last regular file yielded can be written out with :meth:`copy_to`; data
+    not consumed is skipped when iteration continues. *max_headers* and *max_meta* (bytes of
+    pax headers and long names) bound the work a hostile archive can cause.
     """
 
     def __init__(self, source: ChunkSource, max_headers: int, max_meta: int) -> None:
@@ -94,6 +95,7 @@ class TarReader:
         self._max_meta = max_meta
         self.offset = 0  # stream offset of the last header read (for messages)
         self._consumed = 0  # stream offset of the start of self._buf
+        self._pending = 0  # data bytes of the current member not consumed yet
 
     # -- low-level buffer ---------------------------------------------------------------
     def _fill(self) -> bool:
@@ -125,8 +127,9 @@ class TarReader:
     def _truncated(self) -> UnpackError:
         return UnpackError("truncated archive (unexpected end of data)")
 
-    def copy_to(self, fd: int, size: int) -> None:
-        """Write the next *size* data bytes to *fd*, then skip the block padding."""
+    def copy_to(self, fd: int) -> None:
+        """Write the data of the current member to *fd*, then skip the block padding."""
+        size, self._pending = self._pending, 0
         pad = -size % BLOCK
         write = os.write
         while size:
@@ -144,10 +147,6 @@ class TarReader:
             size -= n
         if pad:
             self._skip(pad)
-
-    def skip_data(self, size: int) -> None:
-        """Skip *size* data bytes and their block padding."""
-        self._skip(size + (-size % BLOCK))
 
     def _skip(self, n: int) -> None:
         while n:
@@ -187,6 +186,9 @@ class TarReader:
         longname = longlink = None
         headers = 0
         while True:
+            if self._pending:
+                self._skip(self._pending + (-self._pending % BLOCK))
+                self._pending = 0
             self.offset = self._consumed + self._pos
             hdr = self._read(BLOCK)
             if len(hdr) < BLOCK:
@@ -215,8 +217,8 @@ class TarReader:
             if size < 0:
                 raise UnpackError(f"corrupt archive: negative size at offset {self.offset}")
             if flag in _META:
-                data = self._meta_data(size, "pax header" if flag in b"xg" else "GNU long name")
-                if flag == b"x":
+                data = self._meta_data(size, "pax header" if flag in b"xgX" else "GNU long name")
+                if flag in b"xX":
                     pax.update(parse_pax(data))
                 elif flag == b"g":
                     gpax.update(parse_pax(data))
@@ -254,7 +256,7 @@ class TarReader:
             kind = _KINDS.get(flag)
             if kind is None:
                 if flag == b"V":  # GNU volume label: no file
-                    self.skip_data(size)
+                    self._pending = size
                     continue
                 what = _SPECIAL.get(flag) or f"unsupported member type {show(flag)}"
                 raise UnpackError(f"member {show(name)}: {what} not allowed")
@@ -266,6 +268,7 @@ class TarReader:
             else:
                 size = 0  # like GNU tar and tarfile: no data follows dirs and links
             mtime_ns = min(max(mtime_ns, -_TLIM), _TLIM)
+            self._pending = size
             yield Member(name, kind, mode, mtime_ns, size, linkname)
 
 

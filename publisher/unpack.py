@@ -186,7 +186,7 @@ class _Extractor:
             if self.fix_modes:
                 os.fchmod(fd, mode)
             if size:
-                reader.copy_to(fd, size)
+                reader.copy_to(fd)
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
             os.close(fd)
@@ -281,10 +281,10 @@ def unpack(source: Path, dest: Path, limits: UnpackLimits = UnpackLimits()) -> U
     Raises UnpackError if the archive is bad or hostile; the caller removes *dest* after any
     exception. Nothing is ever written outside *dest*.
     """
-    _make_dest(Path(dest))
-    ex = _Extractor(os.fsencode(dest) + b"/", limits)
-    handlers = {REG: ex.file, DIR: ex.directory, SYM: ex.symlink, LNK: ex.hardlink}
     with open(source, "rb") as f:
+        _make_dest(Path(dest))
+        ex = _Extractor(os.fsencode(dest) + b"/", limits)
+        handlers = {REG: ex.file, DIR: ex.directory, SYM: ex.symlink, LNK: ex.hardlink}
         compression = detect_compression(os.pread(f.fileno(), 4096, 0))
         with open_chunks(f, compression) as chunks:
             reader = TarReader(chunks, 3 * limits.max_members + 16, limits.max_bytes)

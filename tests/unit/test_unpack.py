@@ -317,12 +317,14 @@ def test_reader_handles_any_chunking(tmp_path: Path, size: int) -> None:
     reader = TarReader(src, 1000, 1 << 20)
     for m in reader:
         assert m.kind == REG
+        if m.name == b"f5":
+            continue  # data not consumed: skipped
         r, w = os.pipe()
-        reader.copy_to(w, m.size)
+        reader.copy_to(w)
         os.close(w)
         got[m.name] = os.read(r, 1 << 20)
         os.close(r)
-    assert got == {ti.name.encode(): data for ti, data in entries}
+    assert got == {ti.name.encode(): data for ti, data in entries if ti.name != "f5"}
 
 
 @pytest.mark.parametrize("use_programs", [True, False])
