@@ -6,6 +6,8 @@ import os
 import random
 import time
 
+import pytest
+
 from tests.helpers import Daemon, run_userpub, wait_for
 from tests.integration.test_janitor_support import FILES, REPO1, Site, cid_listing
 
@@ -29,6 +31,7 @@ def check_complete_or_absent(site: Site, expected: list[tuple[str, int]]) -> set
     return present
 
 
+@pytest.mark.slow
 def test_kill_9_mid_cleanup_leaves_every_cid_complete_or_absent(tmp_path):
     rng = random.Random(20261125)
     site = Site(tmp_path / "site")
