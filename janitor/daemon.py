@@ -89,10 +89,10 @@ class Janitor:
         if not self.hosted:
             raise Fatal(f"this server ({self.config.server.name}) hosts no repository to clean")
         self.store.directory.mkdir(parents=True, exist_ok=True)
-        last = self.store.last_success(self.hosted)
-        for name, started in last.items():
-            record = self.store.load(name)
-            self.metrics.last_success.labels(name).set(record.finished if record else started)
+        records = [r for r in map(self.store.load, self.hosted) if r is not None]
+        for record in records:
+            self.metrics.last_success.labels(record.repository).set(record.finished)
+        last = {r.repository: r.started for r in records}
         for slot in plan(self.clock(), self.config, last, self.tz):
             previous = last.get(slot.repository)
             log.info("%s: cleaned daily at %02d:00 (position %d); last success %s; now %s",
@@ -108,7 +108,7 @@ class Janitor:
                 break
             if self.retry_at.get(name, 0.0) > now:
                 continue
-            self._clean(name, now)
+            self._clean(name, now + time.monotonic() - t0)
         after = now + time.monotonic() - t0  # cleanups take time: a later slot may have begun
         backing_off = {name for name, t in self.retry_at.items() if t > after}
         last = self.store.last_success(self.hosted)
@@ -120,6 +120,7 @@ class Janitor:
         """Nothing to release: locks are held only during a cleanup."""
 
     def _clean(self, name: str, now: float) -> None:
+        """Clean ``name``; ``now`` is the (injected) time it starts, recorded on success."""
         try:
             result = self.clean_fn(self.config, name, clock=self.clock,
                                    should_stop=lambda: self.waker.stopped)
