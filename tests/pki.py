@@ -4,7 +4,8 @@
   credentials and every kind of proxy, written to files the way clients use them.
 * :func:`ingest_config` -- a site configuration with an ``[ingest]`` section.
 * :func:`running_ingest` -- the real ``IngestServer`` (cheroot, TLS) in this process.
-* :class:`IngestProcess` -- ``run_ingest`` in a subprocess (the memory test, the full flow).
+* :class:`IngestProcess` -- ``userpub ingest --ready-file`` in a subprocess (the memory test,
+  the full flow); a small runner of ``run_ingest`` stands in while the CLI lacks the command.
 * :class:`TokenIssuerServer` -- OpenID discovery and JWKS over HTTPS on 127.0.0.1.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import io
 import json
 import signal
 import ssl
@@ -32,7 +34,7 @@ from ingest.devpki import (
     make_proxy,
 )
 from ingest.server import Bound, IngestServer
-from tests.helpers import REPO_ROOT, wait_for, write_config
+from tests.helpers import REPO_ROOT, userpub_cmd, wait_for, write_config
 from userpub.config import Config, load_config
 
 USER_DN = "/DC=org/DC=example/OU=People/CN=Jane Doe 12345"
@@ -134,17 +136,35 @@ except Fatal as err:
 """
 
 
+def cli_has_ingest() -> bool:
+    """True once ``userpub ingest --ready-file`` exists (until then: :data:`RUNNER`)."""
+    from userpub.cli import build_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            build_parser().parse_args(["ingest", "--ready-file", "x"])
+    except SystemExit:
+        return False
+    return True
+
+
+def ingest_argv(config_path: Path, ready_file: Path) -> list[str]:
+    """The command line of an ingest process writing its addresses to ``ready_file``."""
+    if cli_has_ingest():
+        return userpub_cmd(config_path, "ingest", "--ready-file", str(ready_file))
+    return [sys.executable, "-c", RUNNER, str(config_path), str(ready_file)]
+
+
 class IngestProcess:
-    """``run_ingest`` in a subprocess; ``https``/``http`` are its bound ``host:port``."""
+    """``userpub ingest`` in a subprocess; ``https``/``http`` are its bound ``host:port``."""
 
     def __init__(self, config: Config, log: Path, timeout: float = 30) -> None:
         self.ready_file = log.with_suffix(".ready")
         self.ready_file.unlink(missing_ok=True)
         self.log_path = log
         self._log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", RUNNER, str(config.path), str(self.ready_file)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        self.proc = subprocess.Popen(ingest_argv(config.path, self.ready_file),
+                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         wait_for(lambda: self.ready_file.exists() or self.proc.poll() is not None, timeout,
                  lambda: f"ingest not ready\n{self.log()}")
         if not self.ready_file.exists():

@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from ingest.server import IngestServer
 from tests.helpers import REPO_ROOT, Daemon, make_tarball, wait_for
-from tests.pki import RUNNER, IngestProcess, TestPKI, ingest_config
+from tests.pki import IngestProcess, TestPKI, ingest_argv, ingest_config
 from userpub.daemon import Fatal
 
 GIB = 1 << 30
@@ -145,9 +144,8 @@ def test_startup_problems_are_one_fatal_line(tmp_path, pki):
         busy.listen()
         port = busy.getsockname()[1]
         config = ingest_config(tmp_path / "busy", pki, listen=f"127.0.0.1:{port}")
-        out = subprocess.run([sys.executable, "-c", RUNNER, str(config.path),
-                              str(tmp_path / "ready")], capture_output=True, text=True,
-                             timeout=60, cwd=REPO_ROOT, check=False)
+        out = subprocess.run(ingest_argv(config.path, tmp_path / "ready"), capture_output=True,
+                             text=True, timeout=60, cwd=REPO_ROOT, check=False)
     assert out.returncode == 1
     fatal = [line for line in out.stderr.splitlines() if line.startswith("fatal:")]
     assert fatal == [f"fatal: cannot listen on https 127.0.0.1:{port}: Address already in use"]
