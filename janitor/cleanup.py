@@ -14,9 +14,12 @@ Locking and safety (:func:`clean`):
 3. Other repositories' publishers keep running and may stamp (or publish) a CID of this
    repository at any moment. So each candidate is judged again with fresh ``stat`` calls right
    before its removal, and it goes only if its last access is still older than both the cutoff
-   and ``scan_started``: a CID published or stamped after the scan began is never removed, even
-   when ``as_of`` lies in the future. (The window left is the microseconds between that re-check
-   and the rename; closing it needs the other publisher to re-check presence under its own lock.)
+   and ``scan_started``, and no request for it waits in the spool (``incoming/`` or
+   ``active/<repo>/``: a publisher that found the CID present stamps it only after its own
+   transaction, which may be waiting for this very lock). So a CID published, stamped or asked
+   for after the scan began is never removed, even when ``as_of`` lies in the future. (The
+   window left is the microseconds between that re-check and the rename; closing it needs the
+   publisher to re-check presence after stamping.)
 4. All removals happen in one transaction; the local backend removes a CID by one rename into
    its trash, so a crash (even ``kill -9``) leaves each CID fully there or fully gone, and the
    next cleanup (``recover()`` under the same lock, then ``gc()``) disposes of the leftovers.
@@ -46,7 +49,13 @@ from datetime import datetime
 
 from filelock import FileLock, Timeout
 
-from janitor.spoolclean import SpoolItem, expired_failed, remove_failed, stale_tmp
+from janitor.spoolclean import (
+    PendingRequests,
+    SpoolItem,
+    expired_failed,
+    remove_failed,
+    stale_tmp,
+)
 from publisher.catalog import Catalog
 from publisher.daemon import transaction_lock_path
 from publisher.repositories import (
@@ -134,9 +143,14 @@ def _never() -> bool:
     return False
 
 
+def _nothing(cid: str) -> bool:
+    return False
+
+
 def judge(reader: RepositoryReader, catalog: Catalog, *, as_of: float, max_days: float,
-          not_after: float) -> Judgement:
-    """Scan ``reader``'s CIDs and stamps; nothing last used at or after ``not_after`` expires."""
+          not_after: float, pending: Callable[[str], bool] = _nothing) -> Judgement:
+    """Scan ``reader``'s CIDs and stamps; nothing last used at or after ``not_after`` expires,
+    nor anything ``pending`` (a request waiting in the spool) says is being used."""
     cutoff = as_of - max_days * DAY
     limit = min(cutoff, not_after - TIME_SLACK)
     expired: list[Expired] = []
@@ -144,7 +158,7 @@ def judge(reader: RepositoryReader, catalog: Catalog, *, as_of: float, max_days:
     for cid in reader.cids():
         scanned += 1
         last = catalog.last_access(cid)
-        if last is not None and last < limit:
+        if last is not None and last < limit and not pending(cid):
             expired.append(Expired(cid, last))
     going = {e.cid for e in expired}
     orphans: list[str] = []
@@ -198,7 +212,7 @@ def clean(config: Config, repo_name: str, *, as_of: float | None = None,
     try:
         log.info("%s: cleanup started (holding %s)", repo_name, lock.lock_file)
         result = _clean_locked(repository, catalog, config.janitor.max_days, as_of, clock,
-                               should_stop, progress)
+                               should_stop, progress, PendingRequests(Spool(config.server.spool)))
         if result.completed and not local:
             _collect_garbage(repository)
     finally:
@@ -235,13 +249,14 @@ def _acquire(lock: FileLock, name: str, should_stop: Callable[[], bool]) -> bool
 def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                   as_of: float | None, clock: Callable[[], float],
                   should_stop: Callable[[], bool],
-                  progress: Callable[[int, int], None] | None) -> CleanupResult:
+                  progress: Callable[[int, int], None] | None,
+                  pending: Callable[[str], bool]) -> CleanupResult:
     name = repository.name
     repository.recover()
     check_readable(catalog)
     scan_started = clock()
     j = judge(repository, catalog, as_of=scan_started if as_of is None else as_of,
-              max_days=max_days, not_after=scan_started)
+              max_days=max_days, not_after=scan_started, pending=pending)
     log.info("%s: %d of %d CIDs unused since %s; %d orphan stamps", name, len(j.expired),
              j.scanned, iso_time(j.cutoff), len(j.orphan_stamps))
     cids = stamps = freed = spared = 0
@@ -257,6 +272,9 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                 spared += 1
                 log.info("%s: kept %s: used at %s, after the scan began", name, item.cid,
                          iso_time(last))
+            elif pending(item.cid):
+                spared += 1
+                log.info("%s: kept %s: a request for it waits in the spool", name, item.cid)
             elif last is not None:
                 _make_removable(repository, item.cid)
                 result = txn.remove([item.cid])
@@ -273,20 +291,20 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
             if catalog.locate(cid) is None and stamped is not None and \
                     stamped < scan_started - TIME_SLACK:
                 stamps += txn.remove((), [cid]).stamps
-        _check_deferred(repository, catalog, j, removed)
+        _check_deferred(repository, catalog, j, removed, pending)
     return CleanupResult(name, scan_started, 0.0, cids, stamps, freed, spared,
                          completed=completed)
 
 
 def _check_deferred(repository: Repository, catalog: Catalog, j: Judgement,
-                    removed: list[str]) -> None:
+                    removed: list[str], pending: Callable[[str], bool]) -> None:
     """Abort (raise) if a removal not yet visible concerns a CID used since the re-check.
 
     The local backend's removals take effect at once, so this finds nothing there; backends
     that apply removals at commit (``cvmfs_server publish``) can still change their mind.
     """
     late = [cid for cid in removed if repository.contains(cid)
-            and not j.is_expired(catalog.last_access(cid))]
+            and (not j.is_expired(catalog.last_access(cid)) or pending(cid))]
     if late:
         raise CleanupError(f"{len(late)} CIDs (e.g. {late[0]}) were used while their removal "
                            "was pending; transaction aborted, the next run starts over")
@@ -324,12 +342,12 @@ def preview(config: Config, repo_name: str, *, as_of: float | None = None,
     catalog = Catalog.from_config(config)
     check_readable(catalog)
     now = clock()
+    spool = Spool(config.server.spool)
     j = judge(reader, catalog, as_of=now if as_of is None else as_of,
-              max_days=config.janitor.max_days, not_after=now)
+              max_days=config.janitor.max_days, not_after=now, pending=PendingRequests(spool))
     sizes = {e.cid: reader.size_of(e.cid) for e in j.expired}
     if not include_spool:
         return Preview(j, sizes)
-    spool = Spool(config.server.spool)
     failed = expired_failed(spool, j.as_of, config.janitor.failed_days * DAY)
     tmp = stale_tmp(spool, now, config.janitor.tmp_grace_hours * HOUR)
     return Preview(j, sizes, tuple(failed), tuple(tmp))

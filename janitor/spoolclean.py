@@ -1,6 +1,7 @@
-"""Spool housekeeping done by the janitor: expired ``failed/`` entries and stale ``tmp/`` leftovers.
+"""What the janitor does with the spool: expired ``failed/`` entries, stale ``tmp/`` leftovers,
+and requests still waiting for a CID (a use of that CID not yet visible in any repository).
 
-Neither concerns a repository, so neither needs a repository lock. A failed entry is taken out
+Neither removal concerns a repository, so neither needs a repository lock. A failed entry is taken out
 of sight with one rename into ``tmp/.trash-*`` (which :meth:`spool.Spool.clean_tmp` removes on
 sight, should the janitor die before it finishes), then deleted.
 """
@@ -13,14 +14,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from spool import Spool
+from spool import Kind, Spool, entry_name
 from spool.fsutil import remove_tree, rename_noreplace
 from spool.queue import REASON, unique_id
-from userpub.cid import is_ignored_name
+from userpub.cid import TAR_SUFFIXES, is_ignored_name
 
 log = logging.getLogger("userpub.janitor")
 
-__all__ = ["SpoolItem", "expired_failed", "remove_failed", "stale_tmp"]
+__all__ = ["PendingRequests", "SpoolItem", "expired_failed", "remove_failed", "stale_tmp"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,26 @@ def stale_tmp(spool: Spool, now: float, grace: float) -> list[SpoolItem]:
         if path.name.startswith(".trash-") or now - newest > grace:
             items.append(SpoolItem(path, newest))
     return items
+
+
+class PendingRequests:
+    """``pending(cid)``: is a publish or stamp request for ``cid`` queued or being handled?
+
+    Such a request is a use of the CID that no repository shows yet: a publisher that found the
+    CID present stamps it only after its transaction, and the janitor may be holding that very
+    transaction's lock. A few ``lstat`` calls per question (no directory listing).
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def __call__(self, cid: str) -> bool:
+        """True when ``incoming/`` or any ``active/<repo>/`` holds a request for ``cid``."""
+        publish = entry_name(cid, Kind.PUBLISH)
+        names = [publish, entry_name(cid, Kind.STAMP), *(publish + s for s in TAR_SUFFIXES)]
+        try:
+            dirs = [self.spool.incoming, *(Path(d.path) for d in os.scandir(self.spool.active)
+                                           if d.is_dir(follow_symlinks=False))]
+        except FileNotFoundError:
+            dirs = [self.spool.incoming]
+        return any(os.path.lexists(d / name) for d in dirs for name in names)

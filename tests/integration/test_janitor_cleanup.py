@@ -196,6 +196,26 @@ def test_a_cid_used_after_the_scan_began_is_kept(site):
     assert (result.cids, result.spared) == (4, 2)
 
 
+def test_a_cid_with_a_request_waiting_in_the_spool_is_kept(site):
+    """A stamp request queued, or claimed by a publisher waiting for the lock, is a use."""
+    cids = [f"g/c{i}" for i in range(5)]
+    site.publish(REPO1, cids, age_days=40)
+    site.spool.drop_stamp("g/c0", "user")  # queued before the scan
+    (site.spool.active / REPO1).mkdir()
+
+    def meanwhile(done: int, total: int) -> None:
+        if done == 1:  # after the scan: one request queued, one claimed by repo1's publisher
+            site.spool.drop_stamp("g/c2", "user")
+            site.spool.drop_stamp("g/c3", "user")
+            site.spool.claim(site.spool.incoming / "g%2Fc3@stamp", REPO1)
+
+    result = clean(site.config, REPO1, progress=meanwhile)
+    assert site.cids(REPO1) == {"g/c0", "g/c2", "g/c3"}
+    assert (result.cids, result.spared) == (2, 2)
+    out = run_userpub(site.path, "janitor", "--dry-run", "--repo", REPO1).stdout
+    assert "cid " not in out
+
+
 def test_an_unreadable_repository_stops_the_cleanup(site):
     site.publish(REPO1, ["g/old"], age_days=40)
     os.rename(site.root(REPO2) / "sw", site.root(REPO2) / "sw.unmounted")
