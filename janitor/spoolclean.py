@@ -119,10 +119,12 @@ class PendingRequests:
     def __call__(self, cid: str) -> bool:
         """True when ``incoming/`` or any ``active/<repo>/`` holds a request for ``cid``."""
         publish = entry_name(cid, Kind.PUBLISH)
-        names = [publish, entry_name(cid, Kind.STAMP), *(publish + s for s in TAR_SUFFIXES)]
+        names = (publish, entry_name(cid, Kind.STAMP), *(publish + s for s in TAR_SUFFIXES))
+        dirs = [str(self.spool.incoming)]
         try:
-            dirs = [self.spool.incoming, *(Path(d.path) for d in os.scandir(self.spool.active)
-                                           if d.is_dir(follow_symlinks=False))]
+            with os.scandir(self.spool.active) as it:
+                dirs += [d.path for d in it if d.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
-            dirs = [self.spool.incoming]
-        return any(os.path.lexists(d / name) for d in dirs for name in names)
+            pass
+        lexists = os.path.lexists
+        return any(lexists(f"{d}/{name}") for d in dirs for name in names)
