@@ -9,6 +9,7 @@ Every request gets one log line and its metrics, whatever its outcome.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -196,7 +197,7 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
                     raise too_large()
                 if write is not None:
                     write(data)
-                if length is None and total >= next_check:
+                if write is not None and length is None and total >= next_check:
                     next_check += SPACE_CHECK_BYTES
                     if free_bytes() < cfg.spool_reserve_bytes:
                         raise insufficient_storage(close=True)
@@ -258,8 +259,6 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
                 raise bad_request("invalid Content-Length") from None
             if length > cfg.max_upload_bytes:
                 raise too_large()
-        if free_bytes() - (length or 0) < cfg.spool_reserve_bytes:
-            raise insufficient_storage(close=chunked)
         location = catalog.locate(cid)
         if location is not None:
             receive(environ, length, None)  # read and discarded, as the original does
@@ -268,12 +267,14 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
         if spool.status(cid).state in (State.QUEUED, State.PUBLISHING):
             receive(environ, length, None)
             return reply("200 OK", "OK\n")
+        if free_bytes() - (length or 0) < cfg.spool_reserve_bytes:
+            raise insufficient_storage(close=chunked)
         with spool.writer(cid, identity.submitter) as writer:
             try:
                 size = receive(environ, length, writer.write)
             except OSError as err:  # writing to the spool (reading errors are answered above)
                 log.error("cannot write the upload of %s to the spool: %s", cid, err)
-                if err.errno == 28:  # ENOSPC
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise insufficient_storage(close=True) from None
                 raise
             result = writer.commit()

@@ -56,8 +56,8 @@ def build_context(cfg: IngestConfig) -> ssl.SSLContext:
     ctx.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     try:
         ctx.load_cert_chain(str(cfg.certificate), str(cfg.key))
-    except OSError as err:
-        reason = err.strerror if err.strerror else (getattr(err, "reason", None) or str(err))
+    except OSError as err:  # FileNotFoundError, PermissionError, ssl.SSLError
+        reason = re.sub(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$", "", err.strerror or str(err))
         raise Fatal(f"cannot load host certificate {cfg.certificate} with key {cfg.key}: "
                     f"{reason}") from None
     if not cfg.ca_dir.is_dir():

@@ -251,6 +251,12 @@ def test_insufficient_storage(tmp_path, chain):
     # a small upload still fits above the reserve
     expect(call(site.app, "POST", "/pubapi/publish?cid=b", b"z" * 1000, env=chain),
            "200 OK", b"OK\n")
+    # nothing is stored for a published or queued CID: no space needed
+    site.publish_tree("grp/old")
+    for cid, answer in (("grp/old", b"PRESENT:/cvmfs/repo1.example.org/sw/grp/old\n"),
+                        ("b", b"OK\n")):
+        expect(call(site.app, "POST", f"/pubapi/publish?cid={cid}", b"y" * 60_000_000,
+                    env=chain), "200 OK", answer)
 
 
 def test_one_access_log_line_per_request(site, chain, caplog):
