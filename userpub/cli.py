@@ -275,6 +275,29 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return run_cat(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create the master key, repository key and certificate of a cvmfs-native repository."""
+    from publisher.repositories.cvmfs_native import KeysError, init_keys, key_files
+
+    config = _config(args)
+    try:
+        repo = config.repository(args.repo)
+    except KeyError:
+        raise Fatal(f"repository {args.repo!r} is not configured") from None
+    if repo.backend != "cvmfs-native":
+        raise Fatal(f"repository {repo.name} uses the {repo.backend} backend, not cvmfs-native")
+    files = key_files(config, repo)
+    try:
+        init_keys(files.directory, repo.name)
+    except (KeysError, OSError) as err:
+        raise Fatal(str(err)) from None
+    for path in files.all():
+        print(path)
+    print(f"clients trust {files.master_public}: install it as /etc/cvmfs/keys/<domain>/"
+          f"{repo.name}.pub (CVMFS_KEYS_DIR)")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -328,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     cvmfs_commands.add_verify_arguments(add("verify", cmd_verify, "verify a CVMFS repository"))
     cvmfs_commands.add_ls_arguments(add("ls", cmd_ls, "list a directory of a CVMFS repository"))
     cvmfs_commands.add_cat_arguments(add("cat", cmd_cat, "print a file of a CVMFS repository"))
+    p = add("keys", cmd_keys, "keys of a cvmfs-native repository (init: create them)")
+    p.add_argument("action", choices=["init"])
+    p.add_argument("repo", help="repository name")
     return parser
 
 

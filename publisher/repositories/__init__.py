@@ -33,6 +33,10 @@ def open_repository(config: Config, repo: RepositoryConfig) -> Repository:
             repo.name, Path(repo.mount), repo.root or default_published_view(repo.name),
             config.server.prefix, config.server.stamps, timeout=repo.command_timeout,
             ingest=repo.cvmfs_ingest)
+    if repo.backend == "cvmfs-native":
+        from publisher.repositories.cvmfs_native import open_native
+
+        return open_native(config, repo)
     raise NotImplementedError(f"backend {repo.backend!r} is not available yet")
 
 
@@ -49,6 +53,11 @@ def open_reader(config: Config, repo: RepositoryConfig) -> RepositoryReader:
         return TreeReader(repo.name, repo.replica, prefix, stamps, repo.mount)
     if repo.backend == "local" and repo.root is not None:
         return TreeReader(repo.name, repo.root, prefix, stamps, repo.mount)
+    if repo.backend == "cvmfs-native" and repo.root is not None \
+            and repo.is_hosted_on(config.server.name):
+        from publisher.repositories.cvmfs_native import NativeReader
+
+        return NativeReader(repo.name, repo.root, prefix, stamps, repo.mount)
     if repo.backend == "cvmfs-server" and repo.is_hosted_on(config.server.name):
         # the published revision (cvmfs_server's rdonly mount), never the union mount,
         # which shows the uncommitted changes of an open transaction

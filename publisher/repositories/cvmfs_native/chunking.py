@@ -68,7 +68,8 @@ def checksum_at(data: bytes | bytearray | memoryview, i: int) -> int:
 
 def _diagonals(data: bytes | bytearray | memoryview, start: int, stop: int) -> bytes:
     """``D(s)`` for ``s`` in ``[start, stop)`` as bytes 0/1 (needs ``data[start:stop+7]``)."""
-    x = int.from_bytes(data[start : stop + 7], "little")
+    with memoryview(data) as view:
+        x = int.from_bytes(view[start : stop + 7], "little")
     y = x ^ (x >> 9)
     y ^= y >> 18
     y ^= y >> 36
@@ -95,7 +96,8 @@ class Chunker:
             cut = self._find_cut()
             if cut is None:
                 return chunks
-            chunks.append(bytes(self._buf[:cut]))
+            with memoryview(self._buf) as view:
+                chunks.append(bytes(view[:cut]))
             del self._buf[:cut]
             self._next = self.params.minimum
 

@@ -158,11 +158,12 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True, mode: int = 0
 def write_server_info(root: Path, *, metainfo: dict[str, object]) -> None:
     """``../info/v1/repositories.json`` and ``meta.json`` beside the repository (best effort).
 
-    The list holds every sibling directory that is a stratum 0 (has a ``.cvmfspublished``).
+    The list names the repository of every sibling directory that is a stratum 0.
     """
     base = root.parent
     info = base / "info" / "v1"
-    names = sorted(p.name for p in base.iterdir() if os.path.lexists(p / MANIFEST))
+    names = sorted(m.fqrn for p in base.iterdir()
+                   if os.path.lexists(p / MANIFEST) and (m := Layout(p).read_manifest()))
     repos = {"schema": 1, "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in names],
              "replicas": []}
     meta = {"schema": 1, **metainfo}

@@ -23,7 +23,7 @@ from publisher.decompress import UnpackError, detect_compression, open_chunks
 from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, Chunker, ChunkParams
 from publisher.repositories.cvmfs_native.objects import PARTIAL, ObjectPipeline
 from publisher.repositories.cvmfs_native.tree import Dir, File, FileData, Node, Symlink
-from publisher.tarstream import DIR, LNK, REG, SYM, Member, TarReader, show
+from publisher.tarstream import BLOCK, DIR, LNK, REG, SYM, Member, TarReader, show
 from publisher.unpack import UnpackLimits, UnpackStats
 
 _PATH_MAX = 4096
@@ -61,22 +61,29 @@ class BuildResult:
     stats: UnpackStats
 
 
-class _MemberData:
-    """Reads member data from a TarReader through a memory file (its public ``copy_to``)."""
+class DataReader(TarReader):
+    """A TarReader that also hands out member data as bytes (no file descriptor needed).
 
-    def __init__(self) -> None:
-        self.fd = os.memfd_create("userpub-member", os.MFD_CLOEXEC)
+    Stopgap until :class:`TarReader` offers this itself (see docs/cvmfs-native.md): it uses
+    the reader's buffer primitives, exactly as ``copy_to`` does.
+    """
 
-    def read(self, reader: TarReader, size: int) -> bytes:
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        reader.copy_to(self.fd, size)
-        data = os.pread(self.fd, size, 0)
-        if len(data) != size:  # pragma: no cover - a memory file returns what was written
-            raise OSError(f"short read from memory file ({len(data)} of {size} bytes)")
+    def read_data(self, size: int) -> bytes:
+        """The next ``size`` data bytes of the current member.
+
+        A member is read whole or in 512-aligned pieces followed by its remainder; the block
+        padding is skipped after the remainder.
+        """
+        data = self._read(size)
+        if len(data) < size:
+            raise self._truncated()
+        pending = getattr(self, "_pending", None)  # newer TarReader: unread member bytes
+        if pending is not None:
+            self._pending = pending - size
+        pad = -size % BLOCK
+        if pad:
+            self._skip(pad)
         return data
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class TreeBuilder:
@@ -95,11 +102,6 @@ class TreeBuilder:
         self.recheck: list[tuple[bytes, bytes]] = []
         self.entries = self.files = self.symlinks = self.hardlinks = self.nbytes = 0
         self.directories = 0
-        self._data = _MemberData()
-
-    def close(self) -> None:
-        """Release the memory file."""
-        self._data.close()
 
     # -- names ------------------------------------------------------------------------------
     def clean(self, raw: bytes, member: bytes, what: str = "path") -> bytes:
@@ -167,7 +169,7 @@ class TreeBuilder:
         self.nodes[rel] = node
 
     # -- members ----------------------------------------------------------------------------
-    def add(self, m: Member, reader: TarReader) -> None:
+    def add(self, m: Member, reader: DataReader) -> None:
         """Apply one member (consuming its data)."""
         if m.kind == REG:
             self._file(m, reader)
@@ -180,7 +182,7 @@ class TreeBuilder:
         else:  # pragma: no cover - TarReader reports only these kinds
             raise _fail(m.name, f"unsupported member kind {m.kind}")
 
-    def _file(self, m: Member, reader: TarReader) -> None:
+    def _file(self, m: Member, reader: DataReader) -> None:
         raw = m.name
         rel = self.clean(raw, raw)
         if not rel:
@@ -195,16 +197,16 @@ class TreeBuilder:
         self._link(rel, File(data))
         self.files += 1
 
-    def _store(self, data: FileData, reader: TarReader) -> None:
+    def _store(self, data: FileData, reader: DataReader) -> None:
         size = data.size
         if size <= self.params.minimum:
-            data.whole = self.pipeline.submit(self._data.read(reader, size) if size else b"")
+            data.whole = self.pipeline.submit(reader.read_data(size) if size else b"")
             return
         chunker = Chunker(self.params)
         left = size
         while left:
             piece = min(left, _PIECE)
-            for chunk in chunker.feed(self._data.read(reader, piece)):
+            for chunk in chunker.feed(reader.read_data(piece)):
                 data.chunks.append((len(chunk), self.pipeline.submit(chunk, PARTIAL)))
             left -= piece
         rest = chunker.finish()
@@ -318,13 +320,10 @@ def build_tree(payload: os.PathLike[str] | str, visible_root: bytes, limits: Unp
                params: ChunkParams = DEFAULT_PARAMS) -> BuildResult:
     """Read the tarball ``payload`` into a tree; file contents go to ``pipeline``."""
     builder = TreeBuilder(visible_root, limits, pipeline, now_ns, params)
-    try:
-        with open(payload, "rb") as f:
-            compression = detect_compression(os.pread(f.fileno(), 4096, 0))
-            with open_chunks(f, compression) as chunks:
-                reader = TarReader(chunks, 3 * limits.max_members + 16, limits.max_bytes)
-                for member in reader:
-                    builder.add(member, reader)
-        return builder.finish(compression)
-    finally:
-        builder.close()
+    with open(payload, "rb") as f:
+        compression = detect_compression(os.pread(f.fileno(), 4096, 0))
+        with open_chunks(f, compression) as chunks:
+            reader = DataReader(chunks, 3 * limits.max_members + 16, limits.max_bytes)
+            for member in reader:
+                builder.add(member, reader)
+    return builder.finish(compression)

@@ -6,8 +6,8 @@ faster than zlib and releasing the GIL); any zlib reader inflates it. An object 
 ``data/txn/`` and renamed into place, so a name never shows partial content; an object that
 already exists with the expected size is not written again (deduplication).
 
-:class:`ObjectPipeline` compresses, hashes and stores objects on a thread pool, bounded in
-the bytes it holds, so the tar stream, chunking and compression use every core.
+:class:`ObjectPipeline` compresses, hashes and stores objects in batches in worker processes,
+bounded in the bytes it holds, so the tar stream, chunking and compression use every core.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import os
 import threading
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 from isal import isal_zlib
@@ -155,34 +156,101 @@ class ObjectStore:
         return count
 
 
+def _store_batch(root: str, items: list[tuple[bytes, str]]) -> list[tuple[bytes, int, bool]]:
+    """Worker-process side of :class:`ObjectPipeline`: compress, hash and store a batch."""
+    store = ObjectStore(Path(root))
+    return [(o.digest, o.stored_size, o.new) for o in (store.put_data(d, s) for d, s in items)]
+
+
+class _Batch:
+    """Objects stored together by one worker call."""
+
+    __slots__ = ("future", "items", "results", "size")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[bytes, str]] = []
+        self.size = 0
+        self.future: Future[list[tuple[bytes, int, bool]]] | None = None
+        self.results: list[StoredObject] | None = None
+
+
+class Ticket:
+    """A promised :class:`StoredObject` (from a batch that may still be running)."""
+
+    __slots__ = ("_batch", "_index", "_pipeline")
+
+    def __init__(self, pipeline: ObjectPipeline, batch: _Batch, index: int) -> None:
+        self._pipeline = pipeline
+        self._batch = batch
+        self._index = index
+
+    def result(self) -> StoredObject:
+        """The stored object; raises what storing raised."""
+        batch = self._batch
+        if batch.results is None:
+            if batch.future is None:
+                self._pipeline.flush()
+            assert batch.future is not None
+            batch.results = [StoredObject(d, n, new) for d, n, new in batch.future.result()]
+        return batch.results[self._index]
+
+
 class ObjectPipeline:
-    """Compress, hash and store objects on worker threads, holding at most ``max_bytes``."""
+    """Compress, hash and store objects in worker processes, in batches.
 
-    def __init__(self, store: ObjectStore, workers: int | None = None,
-                 max_bytes: int = 256 << 20) -> None:
+    Worker *processes* (not threads) keep the many small system calls of storing objects away
+    from the interpreter lock of the process that parses the tar stream. ``processes=0``
+    stores inline (small tarballs: no start-up cost). At most ``max_bytes`` are in flight.
+    """
+
+    def __init__(self, store: ObjectStore, processes: int = 0, *, batch_bytes: int = 1 << 20,
+                 batch_count: int = 128, max_bytes: int = 128 << 20) -> None:
         self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2),
-                                        thread_name_prefix="cvmfs-objects")
-        self._max = max_bytes
+        self._pool = (ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
+                      if processes else None)
+        self._batch = _Batch()
+        self._inflight: list[_Batch] = []
         self._held = 0
-        self._cond = threading.Condition()
+        self._batch_bytes = batch_bytes
+        self._batch_count = batch_count
+        self._max = max_bytes
 
-    def submit(self, data: bytes, suffix: str = "") -> Future[StoredObject]:
-        """Queue ``data`` for storing; blocks while too many bytes are in flight."""
-        size = len(data)
-        with self._cond:
-            while self._held and self._held + size > self._max:
-                self._cond.wait()
-            self._held += size
-        future = self._pool.submit(self.store.put_data, data, suffix)
-        future.add_done_callback(lambda _f: self._release(size))
-        return future
+    def submit(self, data: bytes, suffix: str = "") -> Ticket:
+        """Queue ``data`` to be stored as an object."""
+        batch = self._batch
+        batch.items.append((data, suffix))
+        batch.size += len(data)
+        ticket = Ticket(self, batch, len(batch.items) - 1)
+        full = batch.size >= self._batch_bytes or len(batch.items) >= self._batch_count
+        if full or self._pool is None:
+            self.flush()
+        return ticket
 
-    def _release(self, size: int) -> None:
-        with self._cond:
-            self._held -= size
-            self._cond.notify_all()
+    def flush(self) -> None:
+        """Start storing the current batch."""
+        batch = self._batch
+        if not batch.items:
+            return
+        self._batch = _Batch()
+        if self._pool is None:
+            batch.results = [self.store.put_data(d, s) for d, s in batch.items]
+            batch.items = []
+            return
+        while self._inflight and self._held + batch.size > self._max:
+            done = self._inflight.pop(0)
+            assert done.future is not None
+            done.future.exception()  # wait; errors surface through the tickets
+            self._held -= done.size
+        batch.future = self._pool.submit(_store_batch, str(self.store.root), batch.items)
+        batch.items = []
+        self._inflight.append(batch)
+        self._held += batch.size
 
     def close(self) -> None:
-        """Finish queued work and stop the threads."""
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        """Store what is queued, wait for it and stop the workers."""
+        self.flush()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._inflight.clear()
+        self._held = 0

@@ -58,6 +58,7 @@ from userpub.daemon import Fatal
 
 log = logging.getLogger("userpub.repository.cvmfs_native")
 
+PARALLEL_FROM = 8 << 20  # tarballs at least this big are stored by worker processes
 METAINFO_DEFAULT: dict[str, object] = {
     "administrator": "userpub", "email": "", "organisation": "",
     "description": "user code published by cvmfs-userpub", "recommended-stratum1s": [],
@@ -237,12 +238,22 @@ class NativeTransaction:
         self.base = base
         self.revision = (base.revision if base else 0) + 1
         self.changes = Changes()
-        self._pipeline: ObjectPipeline | None = None
+        self._inline = ObjectPipeline(repo.store)
+        self._parallel: ObjectPipeline | None = None
 
-    def _objects(self) -> ObjectPipeline:
-        if self._pipeline is None:
-            self._pipeline = ObjectPipeline(self.repo.store)
-        return self._pipeline
+    def _objects(self, payload: Path) -> ObjectPipeline:
+        """Worker processes for big tarballs; inline storing for small ones (no start-up)."""
+        if payload.stat().st_size < PARALLEL_FROM:
+            return self._inline
+        if self._parallel is None:
+            self._parallel = ObjectPipeline(self.repo.store, max(2, os.cpu_count() or 2))
+        return self._parallel
+
+    def _close_pipelines(self) -> None:
+        self._inline.close()
+        if self._parallel is not None:
+            self._parallel.close()
+            self._parallel = None
 
     def _check_conflict(self, cid: str) -> None:
         repo, first = self.repo, cid.partition("/")[0]
@@ -260,7 +271,9 @@ class NativeTransaction:
         self._check_conflict(cid)
         now_ns = time.time_ns()
         visible = repo.visible_path(cid).encode()
-        result = build_tree(payload, visible, limits, self._objects(), now_ns, repo.chunk_params)
+        pipeline = self._objects(payload)
+        result = build_tree(payload, visible, limits, pipeline, now_ns, repo.chunk_params)
+        pipeline.flush()
         root = result.root
         record = f"{submitter}\n".encode()
         try:
@@ -305,8 +318,7 @@ class NativeTransaction:
         """Write and switch to the new revision (nothing if nothing changed)."""
         repo = self.repo
         try:
-            if self._pipeline is not None:
-                self._pipeline.close()
+            self._close_pipelines()
             if not self.changes:
                 return
             repo.ensure_whitelist()
@@ -320,6 +332,5 @@ class NativeTransaction:
 
     def abort(self) -> None:
         """Nothing becomes visible; objects already stored are collected later."""
-        if self._pipeline is not None:
-            self._pipeline.close()
+        self._close_pipelines()
         self.repo.store.clear_txn()

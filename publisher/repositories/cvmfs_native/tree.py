@@ -12,7 +12,6 @@ from __future__ import annotations
 import stat
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,14 +27,14 @@ from publisher.repositories.cvmfs_native.catalog import (
     Counters,
     Row,
 )
-from publisher.repositories.cvmfs_native.objects import CATALOG, ObjectStore, StoredObject
+from publisher.repositories.cvmfs_native.objects import CATALOG, ObjectStore, StoredObject, Ticket
 
 MARKER = b".cvmfscatalog"
-Pending = Future[StoredObject] | StoredObject
+Pending = Ticket | StoredObject
 
 
 def _result(item: Pending) -> StoredObject:
-    return item.result() if isinstance(item, Future) else item
+    return item.result() if isinstance(item, Ticket) else item
 
 
 @dataclass(slots=True, eq=False)
