@@ -25,6 +25,8 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``userpub verify``."""
     _common(parser)
     parser.add_argument("--workers", type=int, default=4, help="objects checked in parallel")
+    parser.add_argument("--current-only", action="store_true",
+                        help="only the current revision, not the revisions tagged in the history")
 
 
 def add_ls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +75,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
     keys = _keys(args)
     source = open_source(args.location, proxy=args.proxy, repo=args.repo)
-    report = verify_repository(source, Options(tuple(keys), repo=args.repo, workers=args.workers))
+    report = verify_repository(source, Options(tuple(keys), repo=args.repo, workers=args.workers,
+                                               tags=not args.current_only))
     for problem in report.problems:
         print(problem)
     print(("ok: " if report.ok else "FAILED: ") + report.summary())

@@ -64,7 +64,8 @@ class Report:
                 f"{self.catalogs} catalogs, {self.entries} entries, {self.objects} objects verified "
                 f"({self.stored_bytes} bytes of file content)")
         if self.unreferenced:
-            text += f"; {self.unreferenced} objects not referenced by this revision"
+            text += (f"; {self.unreferenced} stored objects unreachable from this revision and "
+                     "its tags (garbage)")
         if self.problems:
             text += f"; {len(self.problems)} problems"
         return text

@@ -61,29 +61,59 @@ class Mount:
     hash: ContentHash
     path: bytes
     size: int | None
+    size_from: str
     transition: Entry | None
 
 
+@dataclass(frozen=True)
+class RootInfo:
+    """Properties of a root catalog that the manifest and the history must agree with."""
+
+    revision: int | None
+    ttl: int | None
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    path: bytes
+    counters: Counters | None
+    root: Entry | None
+
+
 class CatalogWalker:
-    """Checks the catalog tree of one revision, adding problems and object references."""
+    """Checks catalog trees (of one or more revisions), adding problems and object references.
+
+    A catalog shared by several revisions is inspected once; later references only compare
+    their transition row with its root row and reuse its counters.
+    """
 
     def __init__(self, report: Report, load: CatalogLoader,
                  add_object: Callable[[ObjectRef], None]) -> None:
         self.report = report
         self._load = load
         self._add_object = add_object
-        self.root_revision: int | None = None
-        self.root_ttl: int | None = None
+        self._inspected: dict[ContentHash, _Inspected] = {}
+        self._roots: dict[ContentHash, RootInfo] = {}
 
-    def walk(self, root: ContentHash, size: int | None) -> None:
-        """Inspect the root catalog and, depth first, every nested catalog."""
-        self._inspect(Mount(root, b"", size, None))
+    def walk(self, root: ContentHash, size: int | None, size_from: str) -> RootInfo | None:
+        """Inspect a root catalog and, depth first, every nested catalog below it."""
+        self._inspect(Mount(root, b"", size, size_from, None))
+        return self._roots.get(root)
 
     # -- one catalog -----------------------------------------------------------------------
 
     def _inspect(self, mount: Mount) -> Counters | None:
         """Check one catalog and its nested ones; return its self+subtree counters."""
         where = f"{_label(mount.hash)} {display(mount.path)}"
+        if (done := self._inspected.get(mount.hash)) is not None:
+            if done.path != mount.path:
+                self.report.add(where, f"the same catalog is also mounted at {display(done.path)}")
+            elif mount.transition is not None and done.root is not None:
+                for what in _differences(mount.transition, done.root):
+                    self.report.add(where, "transition row in the parent and nested root row "
+                                           f"differ: {what}")
+            return done.counters
+        self._inspected[mount.hash] = _Inspected(mount.path, None, None)
         self._add_object(ObjectRef(mount.hash, SUFFIX_CATALOG, True, None, where, loaded=True))
         try:
             catalog = self._load(mount.hash)
@@ -94,19 +124,21 @@ class CatalogWalker:
             self.report.add(where, f"cannot load catalog: {err}")
             return None
         try:
-            return self._check(catalog, mount, where)
+            counters, root = self._check(catalog, mount, where)
+            self._inspected[mount.hash] = _Inspected(mount.path, counters, root)
+            return counters
         except DatabaseError as err:
             self.report.add(where, str(err))
             return None
         finally:
             catalog.close()
 
-    def _check(self, catalog: Catalog, mount: Mount, where: str) -> Counters | None:
+    def _check(self, catalog: Catalog, mount: Mount, where: str
+               ) -> tuple[Counters | None, Entry | None]:
         report = self.report
         report.catalogs += 1
         if mount.size is not None and mount.size != catalog.size:
-            report.add(where, f"inflated catalog is {catalog.size} bytes, "
-                              f"but {'manifest B' if not mount.path else 'nested_catalogs.size'} "
+            report.add(where, f"inflated catalog is {catalog.size} bytes, but {mount.size_from} "
                               f"says {mount.size}")
         self._check_properties(catalog, mount, where)
         entries = catalog.entries()
@@ -136,7 +168,8 @@ class CatalogWalker:
             size = ref.size if isinstance(ref.size, int) else None
             if size is None:
                 report.add(child_where, "nested_catalogs.size missing")
-            child = self._inspect(Mount(child_hash, path, size, transitions[path]))
+            child = self._inspect(Mount(child_hash, path, size, "nested_catalogs.size",
+                                        transitions[path]))
             if child is None or subtree is None:
                 subtree = None  # unknown below: subtree counters cannot be checked here
             else:
@@ -144,8 +177,8 @@ class CatalogWalker:
                     subtree[name] += child[name]
         self._check_counters(catalog, computed, subtree, where)
         if subtree is None:
-            return None
-        return {name: computed[name] + subtree[name] for name in COUNTERS}
+            return None, root
+        return {name: computed[name] + subtree[name] for name in COUNTERS}, root
 
     def _check_properties(self, catalog: Catalog, mount: Mount, where: str) -> None:
         props = catalog.properties
@@ -160,14 +193,13 @@ class CatalogWalker:
         revision = props.get("revision", "")
         if not revision.isdigit():
             self.report.add(where, f"property revision is {revision!r}, not a number")
-        elif not mount.path:
-            self.root_revision = int(revision)
         if not mount.path:
             if "root_prefix" in props:
                 self.report.add(where, f"the root catalog has root_prefix {props['root_prefix']!r}"
                                        " (only nested catalogs have one)")
-            if props.get("TTL", "").isdigit():
-                self.root_ttl = int(props["TTL"])
+            ttl = props.get("TTL", "")
+            self._roots[mount.hash] = RootInfo(int(revision) if revision.isdigit() else None,
+                                               int(ttl) if ttl.isdigit() else None)
         elif catalog.root_prefix != mount.path:
             self.report.add(where, f"property root_prefix is {props.get('root_prefix')!r}, "
                                    f"expected the mountpoint {display(mount.path)!r}")

@@ -44,7 +44,7 @@ from publisher.cvmfs_verify.hashes import (
 )
 from publisher.cvmfs_verify.letters import Manifest
 from publisher.cvmfs_verify.report import ObjectRef, Report
-from publisher.cvmfs_verify.tree import CatalogWalker
+from publisher.cvmfs_verify.tree import CatalogWalker, RootInfo
 from publisher.cvmfs_verify.trust import MANIFEST, check_chain
 
 REFLOG = ".cvmfsreflog"
@@ -60,6 +60,7 @@ class Options:
     repo: str | None = None
     now: float | None = None
     workers: int = 4
+    tags: bool = True  # also walk every tagged revision (what garbage collection must keep)
 
 
 def verify_repository(source: Source, options: Options) -> Report:
@@ -73,6 +74,7 @@ class _Verifier:
         self.options = options
         self.report = Report(source.location)
         self.objects: dict[str, list[ObjectRef]] = {}
+        self.tags: list[tuple[str, ContentHash, int, int]] = []
 
     def add_object(self, ref: ObjectRef) -> None:
         self.objects.setdefault(ref.path, []).append(ref)
@@ -86,9 +88,10 @@ class _Verifier:
         walker = CatalogWalker(self.report, self._load_catalog, self.add_object)
         root = manifest.hash("C")
         if root is not None:
-            walker.walk(root, manifest.number("B"))
-            self._revisions(manifest, walker)
+            self._revisions(manifest, walker.walk(root, manifest.number("B"), "manifest B"))
         self._history(manifest)
+        if self.options.tags:
+            self._tagged_revisions(walker, root)
         self._metainfo(manifest)
         self._reflog(manifest)
         self._alternative_paths(manifest)
@@ -114,17 +117,28 @@ class _Verifier:
     def _load_catalog(self, catalog_hash: ContentHash) -> Catalog:
         return Catalog(fetch_object(self.source, catalog_hash, SUFFIX_CATALOG))
 
-    def _revisions(self, manifest: Manifest, walker: CatalogWalker) -> None:
+    def _revisions(self, manifest: Manifest, root: RootInfo | None) -> None:
         where = f"manifest {MANIFEST}"
+        if root is None:
+            return
         revision = manifest.number("S")
-        if walker.root_revision is not None and revision is not None and \
-                walker.root_revision != revision:
+        if root.revision is not None and revision is not None and root.revision != revision:
             self.report.add(where, f"revision S is {revision}, the root catalog's revision "
-                                   f"property is {walker.root_revision}")
+                                   f"property is {root.revision}")
         ttl = manifest.number("D")
-        if walker.root_ttl is not None and ttl is not None and walker.root_ttl != ttl:
+        if root.ttl is not None and ttl is not None and root.ttl != ttl:
             self.report.add(where, f"TTL D is {ttl}, the root catalog's TTL property is "
-                                   f"{walker.root_ttl}")
+                                   f"{root.ttl}")
+
+    def _tagged_revisions(self, walker: CatalogWalker, current: ContentHash | None) -> None:
+        """Every tagged revision must still be complete (spec §9, §14: what gc must keep)."""
+        for name, root, revision, size in self.tags:
+            if root == current:
+                continue
+            info = walker.walk(root, size, f"tag {name!r} size")
+            if info is not None and info.revision != revision:
+                self.report.add(f"history tag {name!r}", f"tags revision {revision}, but its root "
+                                f"catalog {root} has revision property {info.revision}")
 
     def _database(self, manifest: Manifest, letter: str, suffix: str, kind: str
                   ) -> tuple[str, bytes] | None:
@@ -192,7 +206,7 @@ class _Verifier:
             elif revision is not None and tag_revision > revision:
                 self.report.add(at, f"revision {tag_revision} is newer than the manifest's S "
                                     f"{revision}")
-            self.add_object(ObjectRef(tagged, SUFFIX_CATALOG, True, None, at))
+            self.tags.append((name, tagged, tag_revision, tag_size))
         if not current:
             self.report.add(where, f"no tag for the current revision {revision} "
                                    f"(root catalog {root})")

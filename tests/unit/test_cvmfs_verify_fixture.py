@@ -119,6 +119,7 @@ class Tweaks:
     reflog_omit: tuple[str, ...] = ()
     markers: bool = True
     not_zlib: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str, int, int], ...] = ()  # more tags: (name, root hash, revision, size)
     size: dict[str, int] = field(default_factory=dict)
 
 
@@ -131,6 +132,7 @@ class Written:
     fields: dict[str, str]
     catalogs: dict[str, str]
     objects: dict[str, str] = field(default_factory=dict)
+    root_size: int = 0
 
 
 def md5_pair(path: str) -> tuple[int, int]:
@@ -315,7 +317,9 @@ def _finish(written: Written, keys: Keys, revision: int, root_hash: str, root_si
         ("INSERT INTO properties VALUES (?, ?)", ("schema_revision", "3")),
         ("INSERT INTO properties VALUES (?, ?)", ("fqrn", name)),
         ("INSERT INTO tags VALUES (?, ?, ?, ?, 0, ?, ?, '')",
-         ("trunk", root_hash, revision, MTIME, "current HEAD", root_size))])
+         ("trunk", root_hash, revision, MTIME, "current HEAD", root_size)),
+        *[("INSERT INTO tags VALUES (?, ?, ?, ?, 0, '', ?, '')", (n, h, r, MTIME, z))
+          for n, h, r, z in tweaks.tags]])
     history_hash = store(root, history, "H")
     refs = {"C": (root_hash, 0), "X": (cert_hash, 1), "H": (history_hash, 2), "M": (meta_hash, 3)}
     reflog = _sqlite(REFLOG_SQL, [
@@ -344,6 +348,7 @@ def _finish(written: Written, keys: Keys, revision: int, root_hash: str, root_si
     (root / ".cvmfs_master_replica").write_text(
         "This file marks the repository as replicatable to stratum 1 servers\n")
     written.fields = fields
+    written.root_size = root_size
     return written
 
 

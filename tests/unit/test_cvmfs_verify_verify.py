@@ -217,6 +217,27 @@ def test_extended_attributes_are_counted_and_parsed(tmp_path, keys):
     only(run(written, keys), f"catalog {written.catalogs['/x']}C /x/b: xattr blob truncated")
 
 
+def two_revisions(tmp_path: Path, keys: Keys) -> tuple[Written, Written]:
+    """Revision 1 with /old.txt, then revision 2 without it, keeping revision 1 as a tag."""
+    first = write_repository(tmp_path / "repo", NAME, [*NODES, Node("/old.txt", data=b"old")],
+                             keys, nested=NESTED, chunk_size=4096)
+    tag = ("trunk-previous", first.catalogs["/"], 1, first.root_size)
+    second = write_repository(tmp_path / "repo", NAME, NODES, keys, nested=NESTED,
+                              chunk_size=4096, revision=2, tweaks=Tweaks(tags=(tag,)))
+    return first, second
+
+
+def test_tagged_revisions_are_walked_too(tmp_path, keys):
+    first, second = two_revisions(tmp_path, keys)
+    report = run(second, keys)
+    assert report.ok, lines(report)
+    assert report.catalogs == 8  # both revisions' trees (the fixture rewrites every catalog)
+    assert report.unreferenced == 1  # revision 1's history database: garbage
+    object_file(second.root, first.objects["/old.txt"]).unlink()
+    only(run(second, keys), f"catalog {first.catalogs['/']}C /old.txt: object", "missing")
+    assert run(second, keys, tags=False).ok
+
+
 def test_unreferenced_object_is_counted_not_reported(tmp_path, keys):
     written = build(tmp_path, keys)
     store(written.root, b"garbage of an older revision")
