@@ -183,7 +183,7 @@ class NativeRepository(NativeReader):
             base = self.manifest()
             assert base is not None
             now = int(time.time())
-            keep_after = int(now - self.keep_seconds)
+            keep_after = int(now - self.keep_seconds) + 1  # tags this old or older go
             history_path = self.store.temp_path("history")
             history_path.write_bytes(self.store.get(base.history, HISTORY))
             history = History(history_path, self.name, create=False)
@@ -199,7 +199,8 @@ class NativeRepository(NativeReader):
                                                             METAINFO)]
 
             def prune(h: History) -> None:
-                h.remove([t.name for t in h.tags() if expired(t, keep_after)])
+                h.remove([t.name for t in h.tags()
+                          if expired(t, keep_after) and t.revision <= base.revision])
 
             manifest = writer.write(base, Changes(), now, prune=prune, drop_refs=drop)
             fresh = {manifest.root_catalog + CATALOG, manifest.history + HISTORY,
