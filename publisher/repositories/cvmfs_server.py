@@ -69,13 +69,18 @@ class CvmfsServerRepository(TreeReader):
 
     # -- running cvmfs_server --------------------------------------------------------------
 
-    def run(self, *args: str, stdin: Iterable[bytes] | None = None) -> CommandResult:
-        """``cvmfs_server <args>`` with our timeout; RepositoryError if it cannot start."""
+    def run(self, *args: str, stdin: Iterable[bytes] | None = None,
+            quiet: bool = False) -> CommandResult:
+        """``cvmfs_server <args>`` with our timeout; RepositoryError if it cannot start.
+
+        ``quiet``: log stderr at INFO (for commands whose failure is an expected answer).
+        """
         program = shutil.which(self.command)
         if program is None:
             raise RepositoryError(f"{self.command} not found on PATH")
         try:
-            return run_command([program, *args], timeout=self.timeout, log=log, stdin=stdin)
+            return run_command([program, *args], timeout=self.timeout, log=log, stdin=stdin,
+                               stderr_level=logging.INFO if quiet else logging.WARNING)
         except OSError as err:
             raise RepositoryError(f"cannot run {self.command} {' '.join(args)}: {err}") from err
 
@@ -100,9 +105,9 @@ class CvmfsServerRepository(TreeReader):
                 return
         raise RepositoryError(result.describe())
 
-    def abort(self) -> bool:
+    def abort(self, *, quiet: bool = False) -> bool:
         """``cvmfs_server abort -f``: True if a transaction was aborted, False if none was open."""
-        result = self.run("abort", "-f", self.name)
+        result = self.run("abort", "-f", self.name, quiet=quiet)
         if result.ok:
             return True
         if result.returncode == _EINVAL or "not in a transaction" in result.output():
@@ -146,7 +151,7 @@ class CvmfsServerRepository(TreeReader):
 
     def recover(self) -> None:
         """Abort a transaction that a crashed publisher left open."""
-        if self.abort():
+        if self.abort(quiet=True):  # "not in a transaction" is the usual answer
             log.warning("%s: aborted a transaction left open by a previous publisher", self.name)
 
     def gc(self) -> GcResult:
@@ -243,7 +248,8 @@ class CvmfsServerTransaction:
             for cid, who in self._stamps.items():
                 path = self.repo.union_stamps / cid
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{unique_id()}.tmp")
+                # not named after the CID, whose last component may be 255 bytes already
+                tmp = path.with_name(f".stamp.{unique_id()}.tmp")
                 tmp.write_text(f"{who}\n")
                 os.replace(tmp, path)
         except OSError as err:

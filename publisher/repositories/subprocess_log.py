@@ -138,8 +138,10 @@ def run_command(
     stdin: Iterable[bytes] | None = None,
     cwd: str = "/",
     env: dict[str, str] | None = None,
+    stderr_level: int = logging.WARNING,
 ) -> CommandResult:
-    """Run ``argv`` to completion (or ``timeout``), logging stdout (INFO) and stderr (WARNING).
+    """Run ``argv`` to completion (or ``timeout``), logging stdout (INFO) and stderr
+    (``stderr_level``).
 
     ``stdin``, when given, is an iterable of chunks written to the command's stdin as it
     accepts them; an exception raised by the iterable kills the command and propagates.
@@ -155,7 +157,7 @@ def run_command(
     )
     assert proc.stdout is not None and proc.stderr is not None
     streams = [_Stream(proc.stdout.fileno(), logging.INFO, prefix, log),
-               _Stream(proc.stderr.fileno(), logging.WARNING, prefix, log)]
+               _Stream(proc.stderr.fileno(), stderr_level, prefix, log)]
     timed_out = False
     try:
         with selectors.DefaultSelector() as sel:

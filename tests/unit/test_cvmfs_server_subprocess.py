@@ -194,3 +194,9 @@ def test_stdin_is_closed_when_not_fed():
 def test_a_missing_program_raises_oserror():
     with pytest.raises(FileNotFoundError):
         run_command(["/nonexistent/cvmfs_server", "publish", "r"], timeout=5, log=LOG)
+
+
+def test_stderr_level_can_be_lowered_for_expected_answers(timed):
+    run_command(py("import sys; print('not in a transaction', file=sys.stderr)"), timeout=30,
+                log=LOG, stderr_level=logging.INFO)
+    assert [level for _, level, _ in timed.records] == [logging.INFO]
