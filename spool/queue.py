@@ -39,6 +39,7 @@ from userpub.cid import (
 )
 
 STAMP_SUFFIX = "@stamp"
+NAME_MAX = 255  # bytes in one file name (Linux filesystems)
 PAYLOAD = "payload"
 META = "meta.json"
 REASON = "reason.json"
@@ -113,9 +114,19 @@ class BadEntry(Exception):  # noqa: N818 (an entry that is bad, as operators say
 
 
 def entry_name(cid: str, kind: Kind) -> str:
-    """The spool name of a request for ``cid``."""
+    """The spool name of a request for ``cid``: its percent-encoded CID (plus ``@stamp``).
+
+    A valid CID has up to 255 characters and each special one takes three in its encoding,
+    so a name could exceed what one file name may hold (NAME_MAX, 255 bytes): such a name is
+    cut and ends with ``%%`` and the CID's sha256 instead. It is still derived from the CID
+    alone (a CID waits only once), but it does not decode: the entry's meta.json names its CID.
+    """
+    suffix = STAMP_SUFFIX if kind is Kind.STAMP else ""
     name = encode_name(cid)
-    return name + STAMP_SUFFIX if kind is Kind.STAMP else name
+    if len(name) + len(suffix) > NAME_MAX:
+        digest = hashlib.sha256(cid.encode()).hexdigest()
+        name = name[: NAME_MAX - len(suffix) - len(digest) - 2] + "%%" + digest
+    return name + suffix
 
 
 def parse_name(name: str) -> tuple[str, Kind]:
