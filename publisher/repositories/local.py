@@ -184,7 +184,8 @@ class LocalTransaction:
 
 def _write_stamp(path: Path, who: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{unique_id()}.tmp")
+    # not named after the CID: a CID component may already be 255 bytes, a file name's limit
+    tmp = path.with_name(f".stamp.{unique_id()}.tmp")
     tmp.write_text(f"{who}\n")
     os.replace(tmp, path)
 
