@@ -13,6 +13,8 @@ import errno
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -38,6 +40,58 @@ ROUTE, IDENTITY, CID, RECEIVED = ("userpub.route", "userpub.identity", "userpub.
                                   "userpub.received")
 
 StartResponse = Callable[..., Any]
+
+
+class WriteBehind:
+    """Writes filled buffers in a helper thread while the next one is received.
+
+    Receiving (SSL_read), hashing and writing all release the GIL, so with two buffers they
+    overlap on two cores. A write error is raised by the next :meth:`buffer` or by
+    :meth:`close`; buffers are written in order.
+    """
+
+    def __init__(self, write: Callable[[memoryview], None], size: int) -> None:
+        self._write = write
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(2):
+            self._free.put(memoryview(bytearray(size)))
+        self._full: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ingest-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            view, n = item
+            if self._error is None:
+                try:
+                    self._write(view[:n])
+                except BaseException as err:  # handed to the receiving thread
+                    self._error = err
+            self._free.put(view)
+
+    def buffer(self) -> memoryview:
+        """A free buffer (waits while both are being written)."""
+        view = self._free.get()
+        if self._error is not None:
+            raise self._error
+        return view
+
+    def put(self, view: memoryview, n: int) -> None:
+        """Queue the first ``n`` bytes of ``view`` for writing."""
+        self._full.put((view, n))
+
+    def close(self) -> None:
+        """Wait until everything queued is written; raise the write error, if any."""
+        self.abort()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop the writer thread (after what is queued); idempotent."""
+        if self._thread.is_alive():
+            self._full.put(None)
+            self._thread.join()
 
 
 def reply(status: str, body: str, *, close: bool = False) -> bottle.HTTPResponse:
@@ -164,19 +218,26 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
                      close=True)
 
     def receive(environ: dict[str, Any], length: int | None,
-                write: Callable[[memoryview | bytes], None] | None) -> int:
+                write: Callable[[memoryview], None] | None) -> int:
         """Read the whole body into ``write`` (None: discard); the byte count."""
         stream = environ["wsgi.input"]
         readinto = getattr(stream, "readinto", None)  # ours: no copy, no allocation per read
-        buffer = memoryview(bytearray(CHUNK))
+        sink = WriteBehind(write, CHUNK) if write is not None else None
+        spare = memoryview(bytearray(CHUNK))
         total = 0
         next_check = SPACE_CHECK_BYTES
         metrics.uploads_in_progress.inc()
         try:
             while length is None or total < length:
                 want = CHUNK if length is None else min(CHUNK, length - total)
+                buffer = sink.buffer() if sink is not None else spare  # raises write errors
                 try:
-                    data = buffer[:readinto(buffer[:want])] if readinto else stream.read(want)
+                    if readinto is not None:
+                        n = readinto(buffer[:want])
+                    else:
+                        data = stream.read(want)
+                        n = len(data)
+                        buffer[:n] = data
                 except OSError as err:
                     if TOO_LARGE in str(err):
                         raise too_large() from None
@@ -186,22 +247,26 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
                                       close=True) from None
                 except ValueError as err:
                     raise bad_request(f"malformed chunked body: {err}", close=True) from None
-                if not data:
+                if n == 0:
                     if length is None:
                         break
                     raise bad_request(f"body shorter than Content-Length ({total} of {length} "
                                       "bytes)", close=True)
-                total += len(data)
+                total += n
                 environ[RECEIVED] = total
                 if total > cfg.max_upload_bytes:
                     raise too_large()
-                if write is not None:
-                    write(data)
-                if write is not None and length is None and total >= next_check:
-                    next_check += SPACE_CHECK_BYTES
-                    if free_bytes() < cfg.spool_reserve_bytes:
-                        raise insufficient_storage(close=True)
+                if sink is not None:
+                    sink.put(buffer, n)
+                    if length is None and total >= next_check:
+                        next_check += SPACE_CHECK_BYTES
+                        if free_bytes() < cfg.spool_reserve_bytes:
+                            raise insufficient_storage(close=True)
+            if sink is not None:
+                sink.close()  # everything written; raises a write error
         finally:
+            if sink is not None:
+                sink.abort()
             metrics.uploads_in_progress.dec()
         return total
 
@@ -255,8 +320,10 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
         if not chunked:
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
+                if length < 0:  # int() takes "-1", which cheroot passes on
+                    raise ValueError(length)
             except ValueError:
-                raise bad_request("invalid Content-Length") from None
+                raise bad_request("invalid Content-Length", close=True) from None
             if length > cfg.max_upload_bytes:
                 raise too_large()
         location = catalog.locate(cid)
