@@ -161,6 +161,12 @@ def _run(work: Path, size: int, args: argparse.Namespace) -> int:
     with source.open("wb") as fh:
         for _ in range(size // MIB):
             fh.write(block)
+        fh.flush()
+        started = time.monotonic()
+        os.fsync(fh.fileno())
+        flush = time.monotonic() - started
+    print(f"for reference: flushing {size / MIB:.0f} MiB to this disk (fsync) took {flush:.2f} s; "
+          "userpub fsyncs each upload before answering OK, nginx does not")
     config = ingest_config(work / "site", pki, http=False, max_upload_bytes=size + MIB,
                            threads=16)
     ours = IngestProcess(config, work / "ingest.log")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import wsgiref.util
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
 
-from ingest.app import make_app, make_plain_app
+from ingest.app import WriteBehind, make_app, make_plain_app
 from ingest.auth import Authenticator
 from ingest.connection import ChunkedReader
 from ingest.devpki import CertificateAuthority, make_proxy
@@ -337,3 +338,29 @@ def test_chunked_reader_refuses_bad_bodies(raw, error):
     with pytest.raises(error):
         while body.read(4):
             pass
+
+
+# -- write-behind -----------------------------------------------------------------------------
+
+
+def test_write_behind_keeps_order_and_reports_errors():
+    written = []
+    sink = WriteBehind(lambda view: written.append(bytes(view)), 4)
+    for n in range(10):
+        view = sink.buffer()
+        view[:3] = b"%03d" % n
+        sink.put(view, 3)
+    sink.close()
+    assert written == [b"%03d" % n for n in range(10)]
+
+    def failing(view):
+        raise OSError(28, "No space left on device")
+
+    sink = WriteBehind(failing, 4)
+    with pytest.raises(OSError, match="No space"):
+        for _ in range(5):
+            sink.put(sink.buffer(), 1)
+    sink.abort()
+    with pytest.raises(OSError, match="No space"):
+        sink.close()
+    assert not [t for t in threading.enumerate() if t.name == "ingest-write"]
