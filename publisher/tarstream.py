@@ -8,7 +8,7 @@ as raw bytes and judged by the caller (:mod:`publisher.unpack`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from publisher.decompress import OCTAL, ChunkSource, UnpackError, tar_checksum_ok
@@ -127,11 +127,13 @@ class TarReader:
     def _truncated(self) -> UnpackError:
         return UnpackError("truncated archive (unexpected end of data)")
 
-    def copy_to(self, fd: int) -> None:
-        """Write the data of the current member to *fd*, then skip the block padding."""
+    def copy_to(self, fd: int, write: Callable[[int, memoryview], int] = os.write) -> None:
+        """Write the current member's data to *fd* with *write*, then skip the padding.
+
+        *write* receives read-only views of the decompressed chunks (never reused).
+        """
         size, self._pending = self._pending, 0
         pad = -size % BLOCK
-        write = os.write
         while size:
             avail = len(self._buf) - self._pos
             if not avail:

@@ -34,8 +34,10 @@ files, symlinks and (at the end) directories.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from publisher.tarstream import DIR, LNK, REG, SYM, Member, TarReader, show
 __all__ = ["UnpackError", "UnpackLimits", "UnpackStats", "detect_compression", "unpack"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_BIG = 256 * 1024  # file bodies at least this large are written by the writer thread
 _PATH_MAX = 4096
 _NAME_MAX = 255
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
@@ -53,7 +56,11 @@ _C1 = re.compile("[\x80-\x9f]")
 
 @dataclass(frozen=True)
 class UnpackLimits:
-    """Bounds on what one archive may create."""
+    """Bounds on what one archive may create.
+
+    *max_members* counts the entries created, implied parent directories included;
+    *max_bytes* counts regular-file bytes (and, separately, pax header / long-name bytes).
+    """
 
     max_members: int = 1_000_000
     max_bytes: int = 16 * 1024**3  # total unpacked bytes of regular files
@@ -102,11 +109,62 @@ def _char_problem(raw: bytes) -> str | None:
     return None
 
 
+class _Writer:
+    """A thread that writes large file bodies while the main thread goes on parsing.
+
+    Items are handled in order: ``write`` queues data for *fd*, ``finish`` sets the mtime
+    (unless None) and closes *fd*. The first OSError is re-raised in the main thread; after it
+    data is dropped but every descriptor is still closed.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[int, memoryview | None, int | None] | None]
+        self._queue = queue.Queue(16)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="unpack-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fd, data, mtime = item
+            try:
+                if self._error is None:
+                    if data is not None:
+                        done = os.write(fd, data)
+                        while done < len(data):
+                            done += os.write(fd, data[done:])
+                    elif mtime is not None:
+                        os.utime(fd, ns=(mtime, mtime))
+            except OSError as exc:
+                self._error = exc
+            finally:
+                if data is None:
+                    os.close(fd)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((fd, data, None))
+        return len(data)
+
+    def finish(self, fd: int, mtime: int | None) -> None:
+        self._queue.put((fd, None, mtime))
+
+    def close(self, report: bool = True) -> None:
+        """Wait until everything queued is written; raise the first write error if *report*."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if report and self._error is not None:
+            raise self._error
+
+
 class _Extractor:
     """Creates members below *root* and keeps the bookkeeping that makes that safe."""
 
-    def __init__(self, root: bytes, limits: UnpackLimits) -> None:
+    def __init__(self, root: bytes, limits: UnpackLimits, writer: _Writer) -> None:
         self.root = root  # ends with b"/"
+        self.writer = writer
         self.max_members = limits.max_members
         self.max_bytes = limits.max_bytes
         self.fix_modes = bool(_umask() & 0o755)
@@ -182,14 +240,26 @@ class _Extractor:
         self._place(rel, raw, REG)
         mode = 0o755 if m.mode & 0o111 else 0o644
         fd = os.open(self.root + rel, _FLAGS, mode)
-        try:
-            if self.fix_modes:
+        if self.fix_modes:
+            try:
                 os.fchmod(fd, mode)
-            if size:
-                reader.copy_to(fd)
-            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
-        finally:
-            os.close(fd)
+            except OSError:
+                os.close(fd)
+                raise
+        if size >= _BIG:  # the body is written by the writer thread, which closes fd
+            done = False
+            try:
+                reader.copy_to(fd, self.writer.write)
+                done = True
+            finally:
+                self.writer.finish(fd, m.mtime_ns if done else None)
+        else:
+            try:
+                if size:
+                    reader.copy_to(fd)
+                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+            finally:
+                os.close(fd)
         self.kinds[rel] = REG
         self.files += 1
 
@@ -283,13 +353,19 @@ def unpack(source: Path, dest: Path, limits: UnpackLimits = UnpackLimits()) -> U
     """
     with open(source, "rb") as f:
         _make_dest(Path(dest))
-        ex = _Extractor(os.fsencode(dest) + b"/", limits)
-        handlers = {REG: ex.file, DIR: ex.directory, SYM: ex.symlink, LNK: ex.hardlink}
         compression = detect_compression(os.pread(f.fileno(), 4096, 0))
-        with open_chunks(f, compression) as chunks:
-            reader = TarReader(chunks, 3 * limits.max_members + 16, limits.max_bytes)
-            for member in reader:
-                handlers[member.kind](member, reader)
+        writer = _Writer()
+        try:
+            ex = _Extractor(os.fsencode(dest) + b"/", limits, writer)
+            handlers = {REG: ex.file, DIR: ex.directory, SYM: ex.symlink, LNK: ex.hardlink}
+            with open_chunks(f, compression) as chunks:
+                reader = TarReader(chunks, 3 * limits.max_members + 16, limits.max_bytes)
+                for member in reader:
+                    handlers[member.kind](member, reader)
+        except BaseException:
+            writer.close(report=False)
+            raise
+        writer.close()
     ex.finish()
     return UnpackStats(
         compression=compression,

@@ -414,3 +414,34 @@ def test_old_style_directory_entries(tmp_path: Path) -> None:
     assert (tmp_path / "dest/olddir").is_dir()
     with pytest.raises(UnpackError, match="ends with '/'"):
         unpack(write_tarball(tmp_path / "t2", [(bad, b"x")]), tmp_path / "dest2")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_truncated_large_file_closes_everything(tmp_path: Path) -> None:
+    data = compress(tar_bytes([reg("big", os.urandom(3 << 20)), reg("after", b"x")]), "gzip")
+    src = tmp_path / "t.gz"
+    src.write_bytes(data[: len(data) // 2])
+    fds, threads = _open_fds(), threading.active_count()
+    with pytest.raises(UnpackError, match="truncated gzip stream"):
+        unpack(src, tmp_path / "dest")
+    assert _open_fds() == fds and threading.active_count() == threads
+
+
+def test_write_errors_of_the_writer_thread_surface(tmp_path: Path) -> None:
+    import errno
+    import resource
+
+    src = write_tarball(tmp_path / "t", [reg("big", bytes(3 << 20)), reg("after", b"x")])
+    fds, threads = _open_fds(), threading.active_count()
+    soft, hard_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard_limit))  # Python ignores SIGXFSZ
+    try:
+        with pytest.raises(OSError) as err:
+            unpack(src, tmp_path / "dest")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard_limit))
+    assert err.value.errno == errno.EFBIG
+    assert _open_fds() == fds and threading.active_count() == threads
