@@ -271,10 +271,13 @@ class GridRequest(cheroot_server.HTTPRequest):
         if self.body_limit and getattr(rfile, "remaining", 0) > self.body_limit:
             self.close_connection = True
         if not self.close_connection and not self.chunked_read:
-            while getattr(rfile, "remaining", 0) > 0:
-                if not rfile.read(min(rfile.remaining, DRAIN_CHUNK)):
-                    self.close_connection = True
-                    break
+            try:
+                while getattr(rfile, "remaining", 0) > 0:
+                    if not rfile.read(min(rfile.remaining, DRAIN_CHUNK)):
+                        self.close_connection = True
+                        break
+            except OSError:  # the client went away or stalled: answer, then close
+                self.close_connection = True
         client_sending = not (self.expect_continue and not self.continue_sent)
         unread = getattr(rfile, "remaining", 0) > 0 or not getattr(rfile, "done", True)
         if self.close_connection and client_sending and unread:
@@ -319,10 +322,11 @@ class GridConnection(cheroot_server.HTTPConnection):
         if self.linger_on_close:
             self.linger_on_close = False
             deadline = time.monotonic() + LINGER_SECONDS
+            sink = memoryview(bytearray(1 << 16))
             try:
                 while (left := deadline - time.monotonic()) > 0:
                     self.socket.settimeout(left)
-                    if not self.socket.recv(DRAIN_CHUNK):
+                    if not self.socket.recv_into(sink):
                         break
             except OSError:
                 pass  # reset, timeout, TLS EOF: the client is gone or too slow

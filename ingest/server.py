@@ -223,6 +223,13 @@ class IngestServer:
                       self.servers[1][1].bind_addr if len(self.servers) > 1 else None)
         log.info("listening on https://%s%s", _join(bound.https),
                  f" and http://{_join(bound.http)}" if bound.http else "")
+        cfg = self.cfg
+        log.info("threads %d, max upload %d bytes, spool reserve %d bytes, limited proxies %s, "
+                 "CRL check %s, TLS context rebuilt every %.0f s, token issuers: %s",
+                 cfg.threads, cfg.max_upload_bytes, cfg.spool_reserve_bytes,
+                 "accepted" if cfg.allow_limited_proxies else "refused",
+                 "on" if cfg.crl_check else "off", cfg.context_reload_seconds,
+                 ", ".join(cfg.token_issuers) or "none")
         return bound
 
     def _serve(self, srv: wsgi.Server) -> None:
@@ -290,7 +297,6 @@ def run_ingest(config: Config, waker: Waker, registry: CollectorRegistry, *,
     try:
         if ready_file is not None:
             write_ready_file(ready_file, bound)
-        assert server.cfg is not None
         period = server.cfg.context_reload_seconds
         next_reload = time.monotonic() + period
         while not waker.stopped:
