@@ -43,24 +43,24 @@ def state_store(config: Config) -> StateStore:
 
 def record_result(metrics: JanitorMetrics, store: StateStore | None, result: CleanupResult,
                   started: float, finished: float) -> None:
-    """Log a cleanup, export it as metrics and, if it completed, remember it in ``store``."""
+    """Remember a completed cleanup in ``store`` (first), export it as metrics, log it."""
     name = result.repository
     outcome = "success" if result.completed else "interrupted"
-    log.info("%s: cleanup %s: %d CIDs, %d stamps, %d bytes freed; %d failed entries and %d tmp "
-             "leftovers removed; %d CIDs kept (used during the cleanup); %.2f s, publishing "
-             "held up %.2f s", name, outcome, result.cids, result.stamps, result.bytes_freed,
-             result.failed_entries, result.tmp_entries, result.spared, result.duration,
-             result.lock_seconds)
+    if result.completed:
+        if store is not None:
+            store.save(RunRecord(name, started, finished, result.cids, result.stamps,
+                                 result.bytes_freed))
+        metrics.last_success.labels(name).set(finished)
     metrics.runs.labels(name, outcome).inc()
     metrics.removed_cids.labels(name).inc(result.cids)
     metrics.removed_stamps.labels(name).inc(result.stamps)
     metrics.freed_bytes.labels(name).inc(result.bytes_freed)
     metrics.duration.labels(name).set(result.duration)
-    if result.completed:
-        metrics.last_success.labels(name).set(finished)
-        if store is not None:
-            store.save(RunRecord(name, started, finished, result.cids, result.stamps,
-                                 result.bytes_freed))
+    log.info("%s: cleanup %s: %d CIDs, %d stamps, %d bytes freed; %d failed entries and %d tmp "
+             "leftovers removed; %d CIDs kept (used during the cleanup); %.2f s, publishing "
+             "held up %.2f s", name, outcome, result.cids, result.stamps, result.bytes_freed,
+             result.failed_entries, result.tmp_entries, result.spared, result.duration,
+             result.lock_seconds)
 
 
 class Janitor:
@@ -176,7 +176,10 @@ def run_dry(config: Config, repo: str | None, as_of: float | None, out: TextIO) 
 
 def run_now(config: Config, repo: str | None, as_of: float | None, metrics: JanitorMetrics,
             waker: Waker, clock: Callable[[], float] = time.time) -> int:
-    """Clean ``repo`` (default: every hosted one) now; 1 if a cleanup failed or was stopped."""
+    """Clean ``repo`` (default: every hosted one) now; 1 if a cleanup failed or was stopped.
+
+    A completed cleanup counts as the repository's run of the rota day (unless ``as_of``).
+    """
     if as_of is not None and as_of > clock() + 60:
         raise Fatal("--as-of lies in the future: a real cleanup never judges ahead of time; "
                     "use it with --dry-run")
@@ -194,6 +197,7 @@ def run_now(config: Config, repo: str | None, as_of: float | None, metrics: Jani
             log.error("%s: cleanup failed: %s", name, err)
             status = 1
             continue
-        record_result(metrics, store, result, started, clock())
+        # judged at another time, it is not the day's cleanup: the rota still runs
+        record_result(metrics, store if as_of is None else None, result, started, clock())
         status = status if result.completed else 1
     return status
