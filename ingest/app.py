@@ -30,6 +30,8 @@ from spool import DropResult, Spool, State
 from userpub.cid import InvalidCid, validate_cid
 from userpub.config import Config
 
+__all__ = ["ApiApp", "WriteBehind", "bad_request", "make_app", "make_plain_app", "reply"]
+
 log = logging.getLogger("userpub.ingest.access")
 
 CHUNK = 1 << 20

@@ -33,6 +33,10 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from userpub.config import IngestConfig
 
+__all__ = ["ANY_AUDIENCE", "AuthError", "Authenticator", "GridMap", "Identity", "TokenVerifier",
+           "chain_from_environ", "identity_from_chain", "parse_gridmap", "proxy_policy",
+           "slash_dn"]
+
 log = logging.getLogger("userpub.ingest.auth")
 
 PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.5.5.7.1.14")

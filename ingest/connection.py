@@ -26,6 +26,9 @@ from typing import Any, Protocol
 
 from cheroot import server as cheroot_server
 
+__all__ = ["BodyReader", "ChunkedReader", "GridConnection", "GridRequest", "SocketSource",
+           "connection_class"]
+
 log = logging.getLogger("userpub.ingest")
 
 DRAIN_CHUNK = 1 << 20

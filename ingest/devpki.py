@@ -27,6 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+__all__ = ["CertificateAuthority", "Credential", "DevPaths", "TokenIssuer", "expired_proxy",
+           "forged_proxy", "make_proxy", "parse_slash_dn", "proxy_cert_info", "subject_hash",
+           "write_dev_pki"]
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 PROXY_CERT_INFO = ObjectIdentifier("1.3.6.1.5.5.7.1.14")

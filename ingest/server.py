@@ -35,6 +35,9 @@ from spool import Spool
 from userpub.config import Config, IngestConfig, split_address
 from userpub.daemon import Fatal, Waker
 
+__all__ = ["Bound", "GridSSLAdapter", "IngestServer", "build_context", "run_ingest",
+           "verified_chain", "write_ready_file"]
+
 log = logging.getLogger("userpub.ingest")
 
 PLAIN_MAX_BODY = 64 * 1024
