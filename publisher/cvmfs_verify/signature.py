@@ -58,10 +58,8 @@ def check_letter_hash(letter: SignedLetter) -> str | None:
 
 
 def load_certificate(pem: bytes) -> x509.Certificate:
-    """The X.509 certificate of the ``X`` object (PEM; DER accepted too); ValueError if unreadable."""
-    if b"-----BEGIN" in pem:
-        return x509.load_pem_x509_certificate(pem)
-    return x509.load_der_x509_certificate(pem)
+    """The PEM X.509 certificate of the ``X`` object, as clients load it; ValueError otherwise."""
+    return x509.load_pem_x509_certificate(pem)
 
 
 def check_manifest_signature(letter: SignedLetter, certificate: x509.Certificate) -> str | None:
