@@ -113,14 +113,14 @@ class _Writer:
     """A thread that writes large file bodies while the main thread goes on parsing.
 
     Items are handled in order: ``write`` queues data for *fd*, ``finish`` sets the mtime
-    (unless None) and closes *fd*. The first OSError is re-raised in the main thread; after it
+    (unless None) and closes *fd*. The first error is re-raised in the main thread; after it
     data is dropped but every descriptor is still closed.
     """
 
     def __init__(self) -> None:
         self._queue: queue.Queue[tuple[int, memoryview | None, int | None] | None]
         self._queue = queue.Queue(16)
-        self._error: OSError | None = None
+        self._error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="unpack-writer", daemon=True)
         self._thread.start()
 
@@ -128,18 +128,19 @@ class _Writer:
         while (item := self._queue.get()) is not None:
             fd, data, mtime = item
             try:
-                if self._error is None:
-                    if data is not None:
+                if data is not None:
+                    if self._error is None:
                         done = os.write(fd, data)
                         while done < len(data):
                             done += os.write(fd, data[done:])
-                    elif mtime is not None:
-                        os.utime(fd, ns=(mtime, mtime))
-            except OSError as exc:
-                self._error = exc
-            finally:
-                if data is None:
-                    os.close(fd)
+                else:
+                    try:
+                        if mtime is not None and self._error is None:
+                            os.utime(fd, ns=(mtime, mtime))
+                    finally:
+                        os.close(fd)
+            except Exception as exc:  # re-raised in the main thread
+                self._error = self._error or exc
 
     def write(self, fd: int, data: memoryview) -> int:
         if self._error is not None:
