@@ -5,7 +5,7 @@
 * :func:`ingest_config` -- a site configuration with an ``[ingest]`` section.
 * :func:`running_ingest` -- the real ``IngestServer`` (cheroot, TLS) in this process.
 * :class:`IngestProcess` -- ``userpub ingest --ready-file`` in a subprocess (the memory test,
-  the full flow); a small runner of ``run_ingest`` stands in while the CLI lacks the command.
+  the full flow).
 * :class:`TokenIssuerServer` -- OpenID discovery and JWKS over HTTPS on 127.0.0.1.
 """
 
@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import io
 import json
 import signal
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,43 +114,9 @@ def running_ingest(config: Config, registry: CollectorRegistry | None = None
         server.stop()
 
 
-RUNNER = """
-import logging, sys
-from pathlib import Path
-from prometheus_client import CollectorRegistry
-from ingest.server import run_ingest
-from userpub.config import load_config
-from userpub.daemon import Fatal, Waker, install_signal_handlers
-logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                    format="%(asctime)s %(name)s %(levelname)s %(message)s")
-waker = Waker()
-install_signal_handlers(waker)
-try:
-    run_ingest(load_config(Path(sys.argv[1])), waker, CollectorRegistry(),
-               ready_file=Path(sys.argv[2]))
-except Fatal as err:
-    print(f"fatal: {err}", file=sys.stderr)
-    sys.exit(1)
-"""
-
-
-def cli_has_ingest() -> bool:
-    """True once ``userpub ingest --ready-file`` exists (until then: :data:`RUNNER`)."""
-    from userpub.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["ingest", "--ready-file", "x"])
-    except SystemExit:
-        return False
-    return True
-
-
 def ingest_argv(config_path: Path, ready_file: Path) -> list[str]:
-    """The command line of an ingest process writing its addresses to ``ready_file``."""
-    if cli_has_ingest():
-        return userpub_cmd(config_path, "ingest", "--ready-file", str(ready_file))
-    return [sys.executable, "-c", RUNNER, str(config_path), str(ready_file)]
+    """``userpub ingest`` writing its bound addresses to ``ready_file``."""
+    return userpub_cmd(config_path, "ingest", "--ready-file", str(ready_file))
 
 
 class IngestProcess:

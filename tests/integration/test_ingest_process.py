@@ -1,8 +1,8 @@
 """The ingest process: the full publish flow with a real publisher, SIGTERM, startup errors,
 periodic TLS context rebuilds, and memory use during a 4 GiB upload.
 
-``IngestProcess`` runs ``run_ingest`` in a subprocess and learns its ephemeral ports from the
-ready file (the ``userpub ingest --ready-file`` mechanism).
+``IngestProcess`` runs ``userpub ingest --ready-file F`` and learns its ephemeral ports
+from F.
 """
 
 from __future__ import annotations
