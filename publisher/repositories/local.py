@@ -59,11 +59,17 @@ class LocalRepository(TreeReader):
         txn.commit()
 
     def recover(self) -> None:
-        """Move staging leftovers of a crashed publisher to the trash."""
+        """Move staging leftovers of a crashed publisher to the trash, and remove the
+        temporary files of stamps it was writing (``<stamps>/[group/].*.tmp``: no stamp is
+        hidden, and no stamp is being written while the caller holds the lock)."""
         self.ensure_layout()
         for leftover in list(self.staging.iterdir()):
             log.warning("%s: discarding staging leftover %s", self.name, leftover.name)
             self.move_to_trash(leftover, "leftover")
+        for pattern in (".*.tmp", "*/.*.tmp"):
+            for tmp in self.stamps_dir.glob(pattern):
+                log.warning("%s: removing the unfinished stamp %s", self.name, tmp.name)
+                tmp.unlink(missing_ok=True)
 
     def move_to_trash(self, path: Path, label: str) -> None:
         """Take ``path`` out of sight at once; gc() deletes it later. ``label`` says what it
