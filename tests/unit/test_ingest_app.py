@@ -212,6 +212,15 @@ def test_too_large_chunked_is_refused_while_reading(site, chain):
                 chunked=True), "200 OK", b"OK\n")
 
 
+def test_invalid_content_length(site, chain):
+    for value in ("-5", "12abc"):
+        env = {**chain, "CONTENT_LENGTH": value}
+        expect(call(site.app, "POST", "/pubapi/publish?cid=a", env=env, stream=Exploding()),
+               "400 Bad request", b"Bad request: invalid Content-Length\n",
+               extra_headers=[("Connection", "close")])
+    assert site.incoming() == [] and site.tmp() == []
+
+
 def test_short_body_leaves_nothing(site, chain):
     env = {**chain, "CONTENT_LENGTH": "100"}
     expect(call(site.app, "POST", "/pubapi/publish?cid=a", env=env, stream=io.BytesIO(b"x" * 60)),
