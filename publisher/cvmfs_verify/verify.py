@@ -97,7 +97,7 @@ class _Verifier:
         self._alternative_paths(manifest)
         self._check_objects()
         names = self.source.object_names()
-        if names is not None:
+        if names is not None and self.options.tags:  # garbage: reachable from no kept revision
             self.report.unreferenced = len(set(names) - set(self.objects))
         return self.report
 
