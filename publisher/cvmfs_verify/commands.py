@@ -118,9 +118,8 @@ def run_ls(args: argparse.Namespace) -> int:
                 for entry in entries:
                     print(format_entry(entry) if args.long
                           else entry.name.decode("utf-8", "backslashreplace"))
-            else:
-                shown = found.path.decode("utf-8", "backslashreplace")
-                print(format_entry(found.entry, shown) if args.long else shown)
+            else:  # one entry, shown under the name asked for (like ls)
+                print(format_entry(found.entry, args.path) if args.long else args.path)
         except ReadError as err:
             raise Fatal(str(err)) from None
     return 0

@@ -261,6 +261,10 @@ def test_cli_ls(served, pub, capsys):
     assert main(["ls", url, "/sw/a/rel", "-l", "--no-verify"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("lrwxrwxrwx") and line.endswith("/sw/a/rel -> file")
+    assert main(["ls", url, "/sw/a/rel", "--no-verify"]) == 0
+    assert capsys.readouterr().out == "/sw/a/rel\n"
+    assert main(["ls", url, "/sw/todir", "--no-verify"]) == 0  # a symlink to a directory
+    assert capsys.readouterr().out.split() == [".cvmfscatalog", "d"]
 
 
 def test_cli_cat(served, pub, capsysbinary):
