@@ -275,8 +275,10 @@ class TokenVerifier:
     def __init__(self, issuers: Sequence[str], audiences: Sequence[str], *,
                  context_factory: Callable[[], ssl.SSLContext] = ssl.create_default_context,
                  max_age: float = 3600.0, min_refresh: float = 30.0, leeway: float = 30.0,
-                 fetch: Callable[[str, ssl.SSLContext], dict[str, Any]] = _fetch_json) -> None:
+                 fetch: Callable[[str, ssl.SSLContext], dict[str, Any]] = _fetch_json,
+                 pinned: Mapping[str, Path] | None = None) -> None:
         self.issuers = {i.rstrip("/"): _IssuerKeys(i) for i in issuers}
+        self.pinned = {i.rstrip("/"): path for i, path in (pinned or {}).items()}
         self.audiences = [*audiences, ANY_AUDIENCE]
         self.context_factory = context_factory
         self.max_age = max_age
@@ -286,13 +288,16 @@ class TokenVerifier:
 
     def _refresh(self, entry: _IssuerKeys) -> None:
         """Discovery then JWKS; replaces the cached keys (call with entry.lock held)."""
-        context = self.context_factory()
         base = entry.issuer.rstrip("/")
-        doc = self.fetch(f"{base}/.well-known/openid-configuration", context)
-        jwks_uri = doc.get("jwks_uri")
-        if not isinstance(jwks_uri, str):
-            raise ValueError(f"{base}: discovery document has no jwks_uri")
-        keyset = jwt.PyJWKSet.from_dict(self.fetch(jwks_uri, context))
+        if base in self.pinned:  # keys distributed by the site: read, never fetched
+            keyset = jwt.PyJWKSet.from_dict(json.loads(self.pinned[base].read_text()))
+        else:
+            context = self.context_factory()
+            doc = self.fetch(f"{base}/.well-known/openid-configuration", context)
+            jwks_uri = doc.get("jwks_uri")
+            if not isinstance(jwks_uri, str):
+                raise ValueError(f"{base}: discovery document has no jwks_uri")
+            keyset = jwt.PyJWKSet.from_dict(self.fetch(jwks_uri, context))
         entry.keys = {str(k.key_id or ""): k for k in keyset.keys}
         entry.fetched_at = time.monotonic()
         log.info("fetched %d signing keys of %s", len(entry.keys), entry.issuer)
@@ -377,7 +382,8 @@ class Authenticator:
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> Authenticator:
         """The authenticator the ``[ingest]`` section describes."""
-        tokens = TokenVerifier(cfg.token_issuers, cfg.token_audiences) \
+        tokens = TokenVerifier(cfg.token_issuers, cfg.token_audiences,
+                               pinned=dict(cfg.token_keys)) \
             if cfg.token_issuers else None
         return cls(GridMap(cfg.grid_mapfile), tokens, allow_limited=cfg.allow_limited_proxies,
                    localhost_trusted=cfg.localhost_trusted)

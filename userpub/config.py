@@ -92,6 +92,7 @@ class IngestConfig:
     grid_mapfile: Path = Path("/etc/grid-security/grid-mapfile")
     token_issuers: tuple[str, ...] = ()
     token_audiences: tuple[str, ...] = ()
+    token_keys: tuple[tuple[str, Path], ...] = ()
     max_upload_bytes: int = 4 * GIB
     allow_limited_proxies: bool = False
     crl_check: bool = False
@@ -244,6 +245,15 @@ class _Section:
             return ()
         return tuple(value)
 
+    def paths_by_name(self, key: str) -> tuple[tuple[str, Path], ...]:
+        """A table of name -> path (paths relative to the configuration file)."""
+        value: dict[str, Any] = self._get(key, dict, {}, "a table of name = \"path\"")
+        if not all(isinstance(v, str) and v for v in value.values()):
+            self.problems.append(f"{self.where}.{key}: every value must be a non-empty path")
+            return ()
+        return tuple((name, (self.base / Path(v).expanduser()).resolve())
+                     for name, v in value.items())
+
     def finish(self) -> None:
         for key in sorted(set(self.table) - self.seen):
             self.problems.append(f"{self.where}: unknown key {key!r}")
@@ -334,6 +344,7 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
         grid_mapfile=sec.path("grid_mapfile", d.grid_mapfile) or d.grid_mapfile,
         token_issuers=sec.strings("token_issuers"),
         token_audiences=sec.strings("token_audiences"),
+        token_keys=sec.paths_by_name("token_keys"),
         max_upload_bytes=sec.integer("max_upload_bytes", d.max_upload_bytes, minimum=1),
         allow_limited_proxies=sec.boolean("allow_limited_proxies", d.allow_limited_proxies),
         crl_check=sec.boolean("crl_check", d.crl_check),
@@ -346,6 +357,9 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
     for issuer in cfg.token_issuers:
         if not issuer.startswith("https://"):
             sec.problems.append(f"{sec.where}.token_issuers: {issuer!r} is not an https:// URL")
+    for issuer, _ in cfg.token_keys:
+        if issuer not in cfg.token_issuers:
+            sec.problems.append(f"{sec.where}.token_keys: {issuer!r} is not in token_issuers")
     sec.finish()
     return cfg
 
