@@ -268,6 +268,18 @@ def leftovers(config: Config) -> list[str]:
     return out
 
 
+def age_tmp(config: Config, seconds: float) -> list[str]:
+    """Date every ``spool/tmp/`` leftover ``seconds`` back (what waiting that long would do);
+    return their names."""
+    tmp = config.server.spool / "tmp"
+    when = time.time() - seconds
+    names = sorted(os.listdir(tmp))
+    for name in names:
+        for path in [tmp / name, *((tmp / name).iterdir() if (tmp / name).is_dir() else [])]:
+            os.utime(path, (when, when), follow_symlinks=False)
+    return names
+
+
 def _names(directory: Path) -> list[str]:
     try:
         return sorted(os.listdir(directory))
@@ -335,6 +347,12 @@ class Failpoint:
 
     def wait_hit(self, timeout: float = 60, why: Callable[[], str] | str = "") -> None:
         wait_for(self.hit, timeout, why or f"syscall {self.number} never reached")
+
+    def kill(self) -> None:
+        """kill -9 the held process, then detach (only then does its parent see it die)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.close()
 
     def close(self) -> None:
         """Detach (a held call then proceeds, if its process is still alive)."""
