@@ -26,12 +26,12 @@ system-deps:
 
 deps: system-deps install
 
-$(CONFIG): | $(STAMP)
-	$(VENV)/bin/userpub init $(dir $(CONFIG))
-
-# Start the whole service of this host with the example configuration under ./var/.
-run: $(STAMP) $(CONFIG)
-	$(VENV)/bin/userpub --config $(CONFIG) run
+# Start the whole service of this host with the example site under ./var/ (written by
+# `userpub init` the first time: development CA, proxy, token, two local repositories).
+run: $(STAMP)
+	@test -f $(CONFIG) || $(VENV)/bin/userpub init $(dir $(CONFIG)) >/dev/null
+	@cat $(dir $(CONFIG))QUICKSTART.txt
+	exec $(VENV)/bin/userpub --config $(CONFIG) run
 
 test: deps
 	$(PY) -m pytest -q -ra

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import secrets
 import time
@@ -29,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 __all__ = ["CertificateAuthority", "Credential", "DevPaths", "TokenIssuer", "expired_proxy",
            "forged_proxy", "make_proxy", "parse_slash_dn", "proxy_cert_info", "subject_hash",
-           "write_dev_pki"]
+           "write_dev_pki", "write_dev_site"]
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -403,9 +404,10 @@ class DevPaths:
 
 
 def write_dev_pki(directory: Path, user_dn: str = DEFAULT_USER_DN, account: str = "janedoe",
-                  hostnames: Iterable[str] = ("localhost", "127.0.0.1")) -> DevPaths:
+                  hostnames: Iterable[str] = ("localhost", "127.0.0.1"), *,
+                  days: int = 30, proxy_hours: float = 12.0) -> DevPaths:
     """A CA (grid layout, with an empty CRL), host certificate, a user proxy, a grid-mapfile."""
-    ca = CertificateAuthority()
+    ca = CertificateAuthority(days=days)
     ca_dir = directory / "certificates"
     ca.install(ca_dir)
     ca.write_crl(ca_dir)
@@ -414,7 +416,34 @@ def write_dev_pki(directory: Path, user_dn: str = DEFAULT_USER_DN, account: str 
     host = ca.issue_host(hostnames)
     host_cert, host_key = host.write_pair(directory / "hostcert.pem", directory / "hostkey.pem")
     user = ca.issue_user(user_dn)
-    proxy = make_proxy(user).write(directory / "proxy.pem")
+    proxy = make_proxy(user, hours=proxy_hours).write(directory / "proxy.pem")
     gridmap = directory / "grid-mapfile"
     gridmap.write_text(f'"{user_dn}" {account}\n')
     return DevPaths(ca_dir, ca_file, host_cert, host_key, proxy, gridmap)
+
+
+@dataclass(frozen=True)
+class DevSite:
+    """Everything ``userpub init`` needs to try the service on one host (never production)."""
+
+    pki: DevPaths
+    issuer: str
+    issuer_jwks: Path
+    token_file: Path
+
+
+def write_dev_site(directory: Path, issuer: str, audience: str, *,
+                   hostnames: Iterable[str] = ("localhost", "127.0.0.1"),
+                   days: int = 30) -> DevSite:
+    """A development PKI plus a token issuer whose keys are pinned (a JWKS file) and a token.
+
+    The CA, the proxy and the token are valid for ``days``, long enough to keep trying things.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = write_dev_pki(directory, hostnames=hostnames, days=days, proxy_hours=24.0 * days)
+    tokens = TokenIssuer(issuer)
+    jwks = directory / "issuer-jwks.json"
+    jwks.write_text(json.dumps(tokens.jwks(), indent=2) + "\n")
+    token_file = _write_private(directory / "token", tokens.token(
+        {"sub": "janedoe"}, audience=audience, lifetime=86400.0 * days).encode() + b"\n")
+    return DevSite(paths, issuer, jwks, token_file)

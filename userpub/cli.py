@@ -207,11 +207,41 @@ def cmd_metrics_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    """Write an example configuration for this host."""
-    from userpub.init import write_example_config
+    """Write an example site for this host; print what a client needs as export lines."""
+    import socket
 
-    path = write_example_config(Path(args.directory))
-    print(f"export USERPUB_CONFIG={path.resolve()}")
+    from ingest.devpki import write_dev_site
+    from userpub import init
+    from userpub.reproducible_tar import make_tarball
+
+    directory = Path(args.directory).resolve()
+    config_path = directory / "userpub.toml"
+    env_file = directory / "env.sh"
+    if config_path.exists():
+        if not env_file.exists():
+            raise Fatal(f"{config_path} exists (not written by userpub init); not touching it")
+        print(env_file.read_text(), end="")
+        return 0
+    directory.mkdir(parents=True, exist_ok=True)
+    ports = init.free_ports()
+    site = write_dev_site(directory / "pki", init.DEV_ISSUER, init.https_url(ports))
+    creds = init.Credentials(site.pki.ca_dir, site.pki.ca_file, site.pki.host_cert,
+                             site.pki.host_key, site.pki.grid_mapfile, site.pki.user_proxy,
+                             site.token_file, site.issuer_jwks)
+    server = socket.gethostname().split(".")[0] or "pub1"
+    config_path.write_text(init.example_config_text(directory, server, ports, creds))
+    sample_dir = directory / "sample" / "demo-code"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    (sample_dir / "run.sh").write_text("#!/bin/sh\necho 'hello from cvmfs-userpub'\n")
+    (sample_dir / "run.sh").chmod(0o755)
+    (sample_dir / "README").write_text("A sample of user code published by cvmfs-userpub.\n")
+    sample = directory / "sample.tar.gz"
+    make_tarball(sample_dir, sample)
+    exports = "\n".join(init.client_exports(config_path, ports, creds)) + "\n"
+    env_file.write_text("# cvmfs-userpub example site: what a client on this host needs\n"
+                        + exports)
+    (directory / "QUICKSTART.txt").write_text(init.quickstart_text(directory, ports, sample))
+    print(exports, end="")
     return 0
 
 

@@ -1,29 +1,82 @@
-"""``userpub init DIR``: a working example configuration for trying cvmfs-userpub on this host.
+"""``userpub init DIR``: a working example site for trying cvmfs-userpub on this host.
 
-Everything it writes is for trying things out, not for production.
+It writes ``DIR/userpub.toml`` (two local repositories hosted here, an HTTPS ingest on free
+local ports), development credentials (made by ``ingest.devpki``, wired in ``cli.py``), a sample
+tarball, ``DIR/env.sh`` with what a client needs, and ``DIR/QUICKSTART.txt``. Everything it writes
+is for trying things out, never for production.
 """
 
 from __future__ import annotations
 
+import shlex
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 EXAMPLE_REPOSITORIES = ("user1.example.org", "user2.example.org")
+DEV_ISSUER = "https://localhost/userpub-dev-issuer"
 
 
-def example_config_text(directory: Path, server: str, extra: str = "") -> str:
-    """The TOML of the example configuration for ``directory`` (paths relative to the file)."""
+@dataclass(frozen=True)
+class Credentials:
+    """The development credentials the example configuration points at."""
+
+    ca_dir: Path
+    ca_file: Path
+    host_cert: Path
+    host_key: Path
+    grid_mapfile: Path
+    proxy: Path
+    token_file: Path
+    issuer_jwks: Path
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Local ports of the example site."""
+
+    https: int
+    http: int
+    publisher_metrics: int  # and the next one, for the second repository
+    janitor_metrics: int
+
+
+def free_ports() -> Ports:
+    """Ports free right now on 127.0.0.1 (the publisher's metrics need two in a row)."""
+    def one() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    while True:
+        base = one()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
+        return Ports(one(), one(), base, one())
+
+
+def https_url(ports: Ports) -> str:
+    """The example server's URL."""
+    return f"https://localhost:{ports.https}"
+
+
+def example_config_text(directory: Path, server: str, ports: Ports, creds: Credentials) -> str:
+    """The TOML of the example configuration for ``directory``."""
+    root = directory.resolve()
     repos = "".join(f"""
 [[repository]]
 name = "{name}"
 host = "{server}"
 backend = "local"
 root = "repos/{name}"
-# Worker nodes would read /cvmfs/{name}; here the tree is read where it is written.
-mount = "{directory.resolve() / 'repos' / name}"
+# Worker nodes would read /cvmfs/{name}; in this example the tree is read where it is written.
+mount = "{root / 'repos' / name}"
 """ for name in EXAMPLE_REPOSITORIES)
-    return f"""# cvmfs-userpub example configuration, written by `userpub init`.
-# FOR TRYING THINGS OUT ONLY: development certificates, local repositories.
+    return f"""# cvmfs-userpub example site, written by `userpub init`.
+# FOR TRYING THINGS OUT ONLY: development CA and credentials, local repositories.
 [server]
 name = "{server}"
 spool = "spool"
@@ -33,18 +86,65 @@ prefix = "sw"
 [publisher]
 rescan_seconds = 5.0
 
+[ingest]
+listen = "127.0.0.1:{ports.https}"
+http_listen = "127.0.0.1:{ports.http}"
+certificate = "{creds.host_cert}"
+key = "{creds.host_key}"
+ca_dir = "{creds.ca_dir}"
+grid_mapfile = "{creds.grid_mapfile}"
+token_issuers = ["{DEV_ISSUER}"]
+token_audiences = ["{https_url(ports)}"]
+token_keys = {{ "{DEV_ISSUER}" = "{creds.issuer_jwks}" }}
+spool_reserve_bytes = 1073741824
+threads = 16
+
 [janitor]
 start_hour = 3
 max_days = 30
 failed_days = 14
-{extra}{repos}"""
+
+[metrics]
+publisher_listen = "127.0.0.1:{ports.publisher_metrics}"
+janitor_listen = "127.0.0.1:{ports.janitor_metrics}"
+{repos}"""
 
 
-def write_example_config(directory: Path, extra: str = "", server: str | None = None) -> Path:
-    """Write ``DIR/userpub.toml`` unless one exists; return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "userpub.toml"
-    if not path.exists():
-        name = server or socket.gethostname().split(".")[0] or "pub1"
-        path.write_text(example_config_text(directory, name, extra))
-    return path
+def client_exports(config: Path, ports: Ports, creds: Credentials) -> list[str]:
+    """``export NAME=VALUE`` lines for a client on this host."""
+    values = {
+        "USERPUB_CONFIG": str(config),
+        "USERPUB_SERVERS": https_url(ports),
+        "X509_USER_PROXY": str(creds.proxy),
+        "X509_CERT_DIR": str(creds.ca_dir),
+        "BEARER_TOKEN_FILE": str(creds.token_file),
+        "USERPUB_CA_BUNDLE": str(creds.ca_file),
+        "CURL_CA_BUNDLE": str(creds.ca_file),
+        "REQUESTS_CA_BUNDLE": str(creds.ca_file),
+        "USERPUB_REPOS": ",".join(EXAMPLE_REPOSITORIES),
+    }
+    return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
+
+
+def quickstart_text(directory: Path, ports: Ports, sample: Path) -> str:
+    """Copy-paste commands to publish the sample tarball with the client and with curl."""
+    env = directory.resolve() / "env.sh"
+    url = https_url(ports)
+    return f"""cvmfs-userpub is starting on {url} (example site in {directory.resolve()}).
+In another shell, publish the sample tarball:
+
+  . {env}
+
+  # with the client (the bearer token; add --proxy "$X509_USER_PROXY" to use the proxy):
+  .venv/bin/userpub client publish {sample} --group demo
+
+  # with curl and the proxy:
+  CID=demo/$(sha256sum < {sample} | cut -c1-64)
+  curl --cert "$X509_USER_PROXY" --key "$X509_USER_PROXY" --cacert "$USERPUB_CA_BUNDLE" \\
+       -T {sample} -X POST "{url}/pubapi/publish?cid=$CID"
+  curl --cert "$X509_USER_PROXY" --key "$X509_USER_PROXY" --cacert "$USERPUB_CA_BUNDLE" \\
+       "{url}/pubapi/status?cid=$CID"
+
+  # where a job finds it:
+  .venv/bin/userpub wait "$CID" --mount-root {directory.resolve() / 'repos'} --timeout 60
+"""

@@ -35,7 +35,9 @@ class ChildSpec:
 def plan_children(config: Config, python: str) -> list[ChildSpec]:
     """The daemons of this host: ingest (if configured), one publisher per hosted repository,
     and the janitor."""
-    base = (python, "-m", "userpub", "--config", str(config.path))
+    # -P: never put the working directory on sys.path (a directory named spool/ or metrics/
+    # there would shadow our packages)
+    base = (python, "-P", "-m", "userpub", "--config", str(config.path))
     children: list[ChildSpec] = []
     if config.ingest is not None:
         children.append(ChildSpec("ingest", (*base, "ingest"), 0))
