@@ -28,6 +28,7 @@ from pathlib import Path
 from tests.pki import IngestProcess, TestPKI, ingest_config
 
 MIB = 1 << 20
+GIB = 1 << 30
 NGINX_CONF = """\
 daemon off;
 master_process on;
@@ -93,6 +94,11 @@ class Nginx:
                 time.sleep(0.05)
         raise RuntimeError("nginx did not start")
 
+    def pids(self) -> list[int]:
+        """The master and its workers."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [self.proc.pid, *map(int, children.split())]
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGQUIT)
         self.proc.wait(30)
@@ -122,6 +128,15 @@ def exists_rate(base: str, pki: TestPKI, work: Path, count: int, parallel: int) 
     start = time.monotonic()
     subprocess.run(args, check=True, capture_output=True)
     return count / (time.monotonic() - start)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -172,20 +187,30 @@ def _run(work: Path, size: int, args: argparse.Namespace) -> int:
     ours = IngestProcess(config, work / "ingest.log")
     nginx = Nginx(work / "nginx", pki)
     times: dict[str, list[float]] = {"userpub": [], "nginx": []}
+    cpu: dict[str, list[float]] = {"userpub": [], "nginx": []}
     try:
         for i in range(args.runs):
+            before = cpu_seconds([ours.pid])
             times["userpub"].append(curl_upload(
-                f"https://{ours.https}/pubapi/publish?cid=bench/run{i}", source, pki, "POST", "proxy"))
+                f"https://{ours.https}/pubapi/publish?cid=bench/run{i}", source, pki, "POST",
+                "proxy"))
+            cpu["userpub"].append(cpu_seconds([ours.pid]) - before)
+            before = cpu_seconds(nginx.pids())
             times["nginx"].append(curl_upload(
                 f"https://127.0.0.1:{nginx.port}/store/run{i}", source, pki, "PUT", "usercert"))
+            cpu["nginx"].append(cpu_seconds(nginx.pids()) - before)
         for name in ("userpub", "nginx"):
             print(f"{name:8s} upload {size / MIB:.0f} MiB over TLS: "
-                  + " ".join(f"{t:.2f}" for t in times[name]) + " s")
+                  + " ".join(f"{t:.2f}" for t in times[name]) + " s; server CPU "
+                  + " ".join(f"{t:.2f}" for t in cpu[name]) + " s")
         rate = {k: size / statistics.median(v) / MIB for k, v in times.items()}
         print(f"median throughput: userpub {rate['userpub']:.0f} MiB/s, "
               f"nginx {rate['nginx']:.0f} MiB/s")
         print(f"upload throughput ratio userpub/nginx: {rate['userpub'] / rate['nginx']:.2f} "
               "(goal >= 0.7)")
+        per_gib = {k: statistics.median(v) * GIB / size for k, v in cpu.items()}
+        print(f"server CPU per GiB (median): userpub {per_gib['userpub']:.2f} s, "
+              f"nginx {per_gib['nginx']:.2f} s")
         print(f"userpub server peak RSS: {peak_rss_mib(ours.pid):.1f} MiB")
         for parallel in (1, 8):
             rps = exists_rate(f"https://{ours.https}", pki, work, args.requests, parallel)
