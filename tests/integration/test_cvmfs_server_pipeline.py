@@ -20,6 +20,9 @@ import time
 
 import pytest
 
+from janitor.cleanup import clean
+from publisher.repositories import open_repository
+from publisher.unpack import UnpackLimits
 from spool import Spool
 from tests.helpers import make_tarball, run_userpub, tree_listing, wait_for, write_config
 from tests.integration import test_publisher as local
@@ -347,3 +350,32 @@ def test_stamps_and_present_cids_go_in_one_transaction(site, cvmfs_double, tmp_p
     assert sorted(str(p.relative_to(stamps)) for p in stamps.rglob("*") if p.is_file()) == \
         ["grp/a", "grp/elsewhere", "solo"]
     assert spool.depth().incoming == 0 and failed_reasons(config) == {}
+
+
+def test_janitor_removes_expired_cids_in_one_transaction_then_collects_garbage(
+        site, cvmfs_double, tmp_path):
+    _, config = site
+    repo = open_repository(config, config.repositories[0])
+    old = time.time() - 40 * 86400
+    with repo.transaction() as txn:
+        for cid in ("grp/old1", "grp/old2", "grp/young", "solo-old"):
+            tarball = make_tarball(tmp_path / f"{cid.replace('/', '_')}.tar.gz", {"f": b"x"})
+            txn.add(cid, tarball, "alice", UnpackLimits())
+        txn.stamp(["gone/stamp"], "bob")  # a stamp whose CID exists nowhere
+        union = cvmfs_double.mount(REPO1)
+        for cid in ("grp/old1", "grp/old2", "solo-old"):
+            os.utime(union / "sw" / cid / ".publisher", (old, old))
+            os.utime(union / "sw" / cid, (old, old))
+        os.utime(union / "ts/gone/stamp", (old, old))
+    other = open_repository(config, config.repositories[1])
+    with other.transaction() as txn:  # the janitor reads every repository's tree
+        txn.add("grp/other", make_tarball(tmp_path / "o.tar.gz", {"f": b"o"}), "alice",
+                UnpackLimits())
+    before = len(commands(cvmfs_double))
+    result = clean(config, REPO1)
+    assert (result.cids, result.stamps, result.completed) == (3, 1, True)
+    assert sorted(repo.cids()) == ["grp/young"] and list(repo.stamps()) == []
+    assert commands(cvmfs_double)[before:] == [
+        f"abort -f {REPO1}",  # recover(): nothing open
+        f"transaction {REPO1}", f"publish {REPO1}",  # every removal in one transaction
+        f"gc -f {REPO1}"]
