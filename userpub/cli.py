@@ -220,7 +220,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     if config_path.exists():
         if not env_file.exists():
             raise Fatal(f"{config_path} exists (not written by userpub init); not touching it")
-        print(env_file.read_text(), end="")
+        for line in env_file.read_text().splitlines():
+            if line.startswith("export "):
+                print(line)
         return 0
     directory.mkdir(parents=True, exist_ok=True)
     ports = init.free_ports()

@@ -84,9 +84,9 @@ class Supervisor:
         return 0
 
     def _start(self, child: _Running) -> None:
-        log.info("starting %s", child.spec.name)
         child.process = subprocess.Popen(child.spec.argv, start_new_session=True)
         child.started = time.monotonic()
+        log.info("started %s (pid %d)", child.spec.name, child.process.pid)
 
     def _check(self, child: _Running, now: float) -> None:
         proc = child.process
