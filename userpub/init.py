@@ -140,9 +140,9 @@ In another shell, publish the sample tarball:
 
   # with curl and the proxy:
   CID=demo/$(sha256sum < {sample} | cut -c1-64)
-  curl --cert "$X509_USER_PROXY" --key "$X509_USER_PROXY" --cacert "$USERPUB_CA_BUNDLE" \\
+  curl -sS --cert "$X509_USER_PROXY" --key "$X509_USER_PROXY" --cacert "$USERPUB_CA_BUNDLE" \\
        -T {sample} -X POST "{url}/pubapi/publish?cid=$CID"
-  curl --cert "$X509_USER_PROXY" --key "$X509_USER_PROXY" --cacert "$USERPUB_CA_BUNDLE" \\
+  curl -sS --cert "$X509_USER_PROXY" --key "$X509_USER_PROXY" --cacert "$USERPUB_CA_BUNDLE" \\
        "{url}/pubapi/status?cid=$CID"
 
   # where a job finds it:
