@@ -12,13 +12,13 @@ Two views of one repository on a stratum-0 host:
 
 A batch is one transaction: ``transaction`` (when one is already open, left by a crash:
 ``abort -f`` and ``transaction`` again), each CID unpacked by the safe unpacker into a
-hidden sibling and renamed to ``<prefix>/<cid>`` with ``.cvmfscatalog`` and ``.publisher``
-(a bad tarball leaves nothing behind and the transaction goes on), stamps and removals
-written, then ``publish``. On any error: ``abort -f`` and :class:`RepositoryError`, so the
+hidden sibling (``.userpub-<id>``) and renamed to ``<prefix>/<cid>`` with ``.cvmfscatalog``
+and ``.publisher`` (a bad tarball leaves nothing behind and the transaction goes on), stamps
+and removals written, then ``publish``. On any error: ``abort -f`` and :class:`RepositoryError`, so the
 publisher returns the entries to the queue. Every command runs through
 :func:`run_command` (argument list, streamed output, timeout, process group killed).
 
-With ``ingest = true`` each CID is instead streamed into ``cvmfs_server ingest -t - -b
+With ``cvmfs_ingest = true`` each CID is instead streamed into ``cvmfs_server ingest -t - -b
 <prefix>/<cid> -c`` (its own transaction and publish, see :mod:`cvmfs_ingest`); stamps and
 removals of the batch still go in one ordinary transaction at the end.
 """
@@ -185,7 +185,8 @@ class CvmfsServerTransaction:
         made = [p for p in (parent, *parent.parents) if not p.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            hidden = parent / f".{final.name}.userpub-{unique_id()}"
+            # not named after the CID: a CID component may already be 255 bytes long
+            hidden = parent / f".userpub-{unique_id()}"
             try:
                 stats = unpack(payload, hidden, limits)
                 (hidden / CATALOG_MARKER).touch()

@@ -73,6 +73,16 @@ def test_a_batch_is_one_transaction_and_becomes_visible_at_publish(double, repo,
     assert not double.in_transaction(REPO)
 
 
+def test_longest_cid_components_can_be_added_and_stamped(double, repo, tarballs):
+    longest = "g" * 120 + "/" + "c" * 134  # 255 characters, the longest CID
+    with repo.transaction() as txn:
+        txn.add(longest, tarballs("long"), "alice", LIMITS)
+        txn.add("d" * 255, tarballs("long"), "alice", LIMITS)
+        txn.stamp([longest, "s" * 255], "bob")
+    assert repo.contains(longest) and repo.contains("d" * 255)
+    assert repo.stamped_at(longest) is not None and repo.stamped_at("s" * 255) is not None
+
+
 def test_unpack_error_fails_only_that_cid(double, repo, tarballs, tmp_path):
     bad = tmp_path / "bad.tar"
     with tarfile.open(bad, "w") as tar:

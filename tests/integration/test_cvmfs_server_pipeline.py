@@ -174,7 +174,7 @@ def test_drop_is_published_with_content_marker_and_record(site, cvmfs_double, tm
 
 def _unpacking(double):
     """True once the publisher is writing the big CID into the open transaction."""
-    return any((double.mount(REPO1) / "sw" / "grp").glob(".big.userpub-*/d*/*"))
+    return any((double.mount(REPO1) / "sw" / "grp").glob(".userpub-*/d*/*"))
 
 
 def test_kill_9_mid_unpack_then_restart_publishes_completely(site, cvmfs_double, tmp_path):
