@@ -338,15 +338,15 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
             return reply("200 OK", "OK\n")
         if free_bytes() - (length or 0) < cfg.spool_reserve_bytes:
             raise insufficient_storage(close=chunked)
-        with spool.writer(cid, identity.submitter) as writer:
-            try:
+        try:  # the entry's directory, the body, and meta.json at commit all take room
+            with spool.writer(cid, identity.submitter) as writer:
                 size = receive(environ, length, writer.write)
-            except OSError as err:  # writing to the spool (reading errors are answered above)
-                log.error("cannot write the upload of %s to the spool: %s", cid, err)
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise insufficient_storage(close=True) from None
-                raise
-            result = writer.commit()
+                result = writer.commit()
+        except OSError as err:  # writing to the spool (reading errors are answered above)
+            log.error("cannot write the upload of %s to the spool: %s", cid, err)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise insufficient_storage(close=True) from None
+            raise
         if result is DropResult.QUEUED:
             metrics.upload_bytes.inc(size)
         return reply("200 OK", "OK\n")
