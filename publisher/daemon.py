@@ -88,6 +88,7 @@ class Publisher:
         self.observer: BaseObserver | None = None
         self.attempts: dict[str, int] = defaultdict(int)
         self.consecutive_errors = 0
+        self.retry_at = 0.0  # monotonic time before which a failed batch is not retried
         self.idle_since = time.monotonic()
         self._declare_series()
 
@@ -146,6 +147,12 @@ class Publisher:
         """Claim one batch from incoming/ and publish it; return the wanted sleep."""
         if not self.life_lock.is_locked:
             return 1.0
+        # After a failed transaction, wait out the backoff even when woken: the entries put
+        # back into incoming/ wake this very loop, which would retry them at once and spend
+        # every attempt within seconds (say, before the operator can free the full disk).
+        backoff = self.retry_at - time.monotonic()
+        if backoff > 0:
+            return backoff
         paths = self._claim_batch()
         if not paths:
             self.repository.idle(time.monotonic() - self.idle_since)
@@ -156,7 +163,9 @@ class Publisher:
             self.idle_since = time.monotonic()
             if not ok:
                 self.consecutive_errors += 1
-                return min(60.0, 2.0 ** self.consecutive_errors)
+                delay = min(60.0, 2.0 ** self.consecutive_errors)
+                self.retry_at = time.monotonic() + delay
+                return delay
             self.consecutive_errors = 0
         return 0.0
 
