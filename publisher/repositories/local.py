@@ -11,6 +11,7 @@ ext4 without a journal, creating files soon after a mass delete is many times sl
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -53,8 +54,13 @@ class LocalRepository(TreeReader):
         txn = LocalTransaction(self, self.staging / unique_id())
         try:
             yield txn
-        except BaseException:
+        except BaseException as err:
             txn.abort()
+            if _out_of_space(err):
+                # The aborted trees went to the trash, on this full disk: the retry would
+                # fail again for want of the room they hold (idle() empties the trash only
+                # after quiet minutes). Give it back now.
+                self.gc()
             raise
         txn.commit()
 
@@ -194,6 +200,15 @@ def _write_stamp(path: Path, who: str) -> None:
     tmp = path.with_name(f".stamp.{unique_id()}.tmp")
     tmp.write_text(f"{who}\n")
     os.replace(tmp, path)
+
+
+def _out_of_space(err: BaseException | None) -> bool:
+    """True if ``err`` (or an error it was raised from) is ENOSPC or EDQUOT."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__
+    return False
 
 
 def _remove_if_empty(path: Path) -> None:
