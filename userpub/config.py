@@ -304,6 +304,8 @@ def _parse_repository(sec: _Section) -> RepositoryConfig:
     keys = sec.path("keys", None)
     whitelist_days = sec.integer("whitelist_days", 30, minimum=1, maximum=3650)
     gc_keep_hours = sec.number("gc_keep_hours", 24.0)
+    if not mount.startswith("/"):
+        sec.problems.append(f"{sec.where}.mount: {mount!r} must be an absolute path")
     if backend in ("local", "cvmfs-native") and root is None:
         sec.problems.append(f"{sec.where}.root: required by the {backend} backend")
     sec.finish()

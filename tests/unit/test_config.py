@@ -51,6 +51,8 @@ CASES = [
     ("issuer not https", with_(ingest={"token_issuers": ["http://x"]}), "is not an https:// URL"),
     ("prefix clash", with_(server={"name": "pub1", "prefix": "ts"}), "prefix and stamps must differ"),
     ("bad prefix", with_(server={"name": "pub1", "prefix": "a/b"}), "server.prefix"),
+    ("relative mount", with_(repository=[{"name": "r", "host": "h", "root": "x", "mount": "cvmfs/r"}]),
+     "repository[1].mount: 'cvmfs/r' must be an absolute path"),
 ]
 
 
