@@ -51,7 +51,9 @@ def build_context(cfg: IngestConfig) -> ssl.SSLContext:
     """The server SSL context: TLS >= 1.2, no renegotiation, optional client certs, proxies."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # No session resumption: a resumed session has no verified chain, hence no identity.
+    # No session tickets: a session restored from a ticket has lost the client's chain (only
+    # the leaf is serialized), hence the identity behind a proxy. Without tickets TLS 1.3 does
+    # not resume; TLS 1.2 resumes from the in-memory cache, which keeps the chain.
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     ctx.num_tickets = 0
     # A client that stops mid-body without close_notify gets "body shorter than
@@ -75,14 +77,26 @@ def build_context(cfg: IngestConfig) -> ssl.SSLContext:
     return ctx
 
 
-def verified_chain(sock: ssl.SSLSocket) -> list[bytes]:
-    """DER certificates of the verified peer chain, leaf first ([] without a client cert)."""
-    public = getattr(sock, "get_verified_chain", None)
+def _chain(sock: ssl.SSLSocket, which: str) -> list[bytes]:
+    public = getattr(sock, which, None)
     if public is not None:  # Python >= 3.13
         return [bytes(c) for c in public() or ()]
-    private = getattr(sock, "_sslobj").get_verified_chain()  # noqa: B009 (3.10-3.12, private)
+    private = getattr(getattr(sock, "_sslobj"), which)()  # noqa: B009 (3.10-3.12, private)
     der = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009
     return [c.public_bytes(der) for c in private or ()]
+
+
+def verified_chain(sock: ssl.SSLSocket) -> list[bytes]:
+    """DER certificates of the client's chain, leaf first ([] without a client certificate).
+
+    After a full handshake: the chain OpenSSL verified. A resumed (TLS 1.2 session-ID)
+    session has none; its chain was verified when the session was made and is kept with it
+    in the server's session cache, so that one is used.
+    """
+    chain = _chain(sock, "get_verified_chain")
+    if not chain and sock.session_reused:
+        chain = _chain(sock, "get_unverified_chain")
+    return chain
 
 
 class GridSSLAdapter(BuiltinSSLAdapter):
