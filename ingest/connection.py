@@ -10,6 +10,10 @@
   reader holds a whole chunk in memory, however large the client made it); bodies left unread
   are drained 1 MiB at a time (cheroot reads them in one allocation) -- or the connection is
   closed, when the client has not sent them or they are chunked.
+* A request must arrive at a minimum pace (:class:`Pace`): its line, headers and body
+  within ``socket_timeout`` plus one second per ``MIN_RATE`` bytes. The socket timeout
+  alone bounds each receive, so a client trickling a byte at a time could hold a worker
+  thread for ever.
 * A connection closed while the client is still sending its body lingers: what arrives is
   read and discarded for up to ``LINGER_SECONDS``, so that clients which send the whole body
   before reading (python-requests) see the 413 or 403 instead of a connection reset.
@@ -25,9 +29,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from cheroot import server as cheroot_server
+from cheroot.makefile import MakeFile
 
-__all__ = ["BodyReader", "ChunkedReader", "GridConnection", "GridRequest", "SocketSource",
-           "connection_class"]
+__all__ = ["BodyReader", "ChunkedReader", "GridConnection", "GridRequest", "Pace",
+           "SocketSource", "connection_class"]
 
 log = logging.getLogger("userpub.ingest")
 
@@ -36,6 +41,58 @@ MAX_LINE = 4096
 MAX_TRAILERS = 64
 LINGER_SECONDS = 10.0
 TOO_LARGE = "Request Entity Too Large"
+MIN_RATE = 1000  # bytes/s a request must average once its first socket_timeout has passed
+
+
+class Pace:
+    """A deadline per request on one connection's reads.
+
+    A request (line, headers, body) must arrive within the socket's timeout plus one second
+    per ``MIN_RATE`` bytes received: a read past that deadline raises TimeoutError, and one
+    near it waits only until it. :meth:`start` begins a request's clock; :meth:`wrap` makes
+    a paced version of a ``recv_into``-like function.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.timeout: float | None = sock.gettimeout()
+        self.deadline = 0.0
+        self.start()
+
+    def start(self) -> None:
+        """A new request begins."""
+        self.deadline = time.monotonic() + (self.timeout or float("inf"))
+
+    def wrap(self, recv_into: Callable[..., int]) -> Callable[..., int]:
+        """``recv_into`` within the request's deadline."""
+
+        def paced(buffer: Any, *args: Any) -> int:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request arrives too slowly")
+            near = self.timeout is not None and left < self.timeout
+            if near:
+                self.sock.settimeout(left)
+            try:
+                received = int(recv_into(buffer, *args))
+            finally:
+                if near:
+                    self.sock.settimeout(self.timeout)
+            self.deadline += received / MIN_RATE
+            return received
+
+        return paced
+
+
+class _PacedSocket:
+    """A socket whose ``recv_into`` is paced (for cheroot's buffered reader)."""
+
+    def __init__(self, sock: Any, pace: Pace) -> None:
+        self._sock = sock
+        self.recv_into = pace.wrap(sock.recv_into)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class Source(Protocol):
@@ -56,8 +113,8 @@ class SocketSource:
     (it sends ``100 Continue``).
     """
 
-    def __init__(self, rfile: Any, sock: Any, on_first_read: Callable[[], None] | None = None
-                 ) -> None:
+    def __init__(self, rfile: Any, sock: Any, on_first_read: Callable[[], None] | None = None,
+                 pace: Pace | None = None) -> None:
         self.rfile = rfile
         self.sock = sock
         self.on_first_read = on_first_read
@@ -67,6 +124,8 @@ class SocketSource:
         self._recv_into: Callable[[memoryview], int] = (
             (lambda view: int(sslobj.read(len(view), view))) if sslobj is not None
             else sock.recv_into)
+        if pace is not None:
+            self._recv_into = pace.wrap(self._recv_into)
 
     def _start(self) -> None:
         if self.on_first_read is not None:
@@ -255,7 +314,8 @@ class GridRequest(cheroot_server.HTTPRequest):
     def respond(self) -> None:
         """cheroot's respond(), with our readers for the body."""
         source = SocketSource(self.conn.rfile, self.conn.socket,
-                              self.send_continue if self.expect_continue else None)
+                              self.send_continue if self.expect_continue else None,
+                              getattr(self.conn, "pace", None))
         if self.chunked_read:
             self.rfile = ChunkedReader(source, self.body_limit)
         else:
@@ -309,6 +369,14 @@ class GridConnection(cheroot_server.HTTPConnection):
     linger_on_close = False
     on_handshake_failure: Callable[[str, str, bool], None] | None = None
 
+    def __init__(self, server: Any, sock: Any, makefile: Any = MakeFile) -> None:
+        self.pace = Pace(sock)
+
+        def paced_makefile(s: Any, mode: str = "r", bufsize: int = -1) -> Any:
+            return makefile(_PacedSocket(s, self.pace) if "r" in mode else s, mode, bufsize)
+
+        super().__init__(server, sock, paced_makefile)
+
     def communicate(self) -> bool:
         """Handshake (first time only), then serve one request; False closes."""
         if not self.handshaken and isinstance(self.socket, ssl.SSLSocket):
@@ -322,6 +390,7 @@ class GridConnection(cheroot_server.HTTPConnection):
                     self.on_handshake_failure(str(self.remote_addr), reason, bad_cert)
                 return False
             self.handshaken = True
+        self.pace.start()
         keep: bool = super().communicate()  # type: ignore[no-untyped-call]
         return keep
 
