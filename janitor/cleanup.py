@@ -57,7 +57,7 @@ from janitor.spoolclean import (
     stale_tmp,
 )
 from publisher.catalog import Catalog
-from publisher.daemon import transaction_lock_path
+from publisher.locks import transaction_lock_path
 from publisher.repositories import (
     LocalRepository,
     Repository,

@@ -22,28 +22,19 @@ from watchdog.observers.polling import PollingObserver
 
 from metrics import PublisherMetrics
 from publisher.catalog import Catalog
-from publisher.repositories import Repository
+from publisher.locks import lock_path, transaction_lock_path
+from publisher.repositories import Repository, RepositoryError
 from publisher.unpack import UnpackError, UnpackLimits, UnpackStats
 from spool import BadEntry, Entry, Kind, Spool
 from userpub.cid import is_ignored_name
 from userpub.config import Config, RepositoryConfig
-from userpub.daemon import Waker
+from userpub.daemon import Fatal, Waker
 
 log = logging.getLogger("userpub.publisher")
 
 # Why entries fail (the ``reason`` label): a bad or hostile tarball, an unreadable spool
 # entry, or a backend that kept failing until max_attempts.
 FAILURE_REASONS = ("invalid_tarball", "bad_entry", "backend")
-
-
-def lock_path(config: Config, repo: str) -> Path:
-    """The lifetime lock of ``repo``'s publisher."""
-    return config.lock_dir / f"{repo}.lock"
-
-
-def transaction_lock_path(config: Config, repo: str) -> Path:
-    """The lock taken around every change of ``repo`` (publisher and janitor)."""
-    return config.lock_dir / f"{repo}.txn.lock"
 
 
 class _Wakeup(FileSystemEventHandler):
@@ -89,6 +80,10 @@ class Publisher:
         self.attempts: dict[str, int] = defaultdict(int)
         self.consecutive_errors = 0
         self.retry_at = 0.0  # monotonic time before which a failed batch is not retried
+        # Entries of a failed multi-entry transaction are retried one per transaction: a single
+        # bad tarball (say, a file over the backend's size limit) must not take every entry of
+        # its batch down with it. Names leave the set when their entry is done or failed.
+        self.suspects: set[str] = set()
         self.idle_since = time.monotonic()
         self._declare_series()
 
@@ -123,7 +118,10 @@ class Publisher:
             return
         self.metrics.lock_held.labels(self.repo.name).set(1)
         with self.txn_lock:
-            self.repository.recover()
+            try:
+                self.repository.recover()
+            except RepositoryError as err:
+                raise Fatal(f"{self.repo.name}: cannot recover the repository: {err}") from None
             returned = self.spool.recover(self.repo.name)
         if returned:
             log.warning("%s: returned %d claimed entries to incoming/", self.repo.name, returned)
@@ -178,6 +176,9 @@ class Publisher:
         for path in self.spool.list_incoming():
             if len(claimed) >= cfg.batch_max_entries or size >= cfg.batch_max_bytes:
                 break
+            suspect = path.name in self.suspects
+            if suspect and claimed:
+                continue  # a suspect is published on its own
             entry_size = _payload_size(path)
             if entry_size is None:
                 continue
@@ -187,6 +188,8 @@ class Publisher:
             if target is not None:
                 claimed.append(target)
                 size += entry_size
+                if suspect:
+                    break
         return claimed
 
     def _sort(self, paths: list[Path]) -> _Batch:
@@ -245,17 +248,22 @@ class Publisher:
             self.attempts.pop(entry.name, None)
             log.info("%s: published %s (%d files, %d bytes, %s) %.2f s after queueing",
                      name, entry.cid, stats.files, stats.bytes, stats.compression, latency)
-            self.spool.complete(entry)
+            self._done(entry)
         for entry, reason in rejected:
             self._fail(entry, reason, "invalid_tarball")
         for entry in batch.present:
+            if entry.kind is Kind.PUBLISH and self.catalog.locate(entry.cid) is None:
+                # removed by a cleanup between our look and our stamp: publish it after all
+                log.info("%s: %s vanished while being stamped; publishing it", name, entry.cid)
+                self.spool.release(entry)
+                continue
             log.info("%s: %s already published; stamped instead", name, entry.cid)
             self.metrics.publishes.labels(name, "present").inc()
-            self.spool.complete(entry)
+            self._done(entry)
         for entry in batch.stamp:
             self.metrics.stamps.labels(name).inc()
             self.metrics.publishes.labels(name, "stamped").inc()
-            self.spool.complete(entry)
+            self._done(entry)
         if batch.present:
             self.metrics.stamps.labels(name).inc(len(batch.present))
         return True
@@ -264,9 +272,10 @@ class Publisher:
         for entry, reason in rejected:
             self._fail(entry, reason, "invalid_tarball")
         done = {e.name for e, _ in rejected}
-        for entry in batch.publish + batch.stamp + batch.present:
-            if entry.name in done:
-                continue
+        retried = [e for e in batch.publish + batch.stamp + batch.present if e.name not in done]
+        if len(retried) > 1:
+            self.suspects.update(e.name for e in retried)
+        for entry in retried:
             self.attempts[entry.name] += 1
             if self.attempts[entry.name] >= self.config.publisher.max_attempts:
                 self._fail(entry, f"gave up after {self.attempts.pop(entry.name)} attempts: "
@@ -275,7 +284,12 @@ class Publisher:
                 self.metrics.publishes.labels(self.repo.name, "retried").inc()
                 self.spool.release(entry)
 
+    def _done(self, entry: Entry) -> None:
+        self.suspects.discard(entry.name)
+        self.spool.complete(entry)
+
     def _fail(self, entry: Entry, reason: str, category: str) -> None:
+        self.suspects.discard(entry.name)
         log.warning("%s: %s failed: %s", self.repo.name, entry.cid, reason)
         self.metrics.publishes.labels(self.repo.name, "failed").inc()
         self.metrics.failures.labels(self.repo.name, category).inc()

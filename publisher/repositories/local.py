@@ -155,15 +155,21 @@ class LocalTransaction:
         return RemoveResult(removed, removed_stamps, freed)
 
     def commit(self) -> None:
-        """Publish: flush once, then one rename per CID; write stamps."""
+        """Publish: flush once, then one rename per CID; write stamps.
+
+        Everything that can fail for a reason of its own (a group directory that cannot be
+        made, a full disk while flushing) happens before the first rename, so a failed commit
+        leaves nothing visible; the renames themselves only fail if the filesystem does.
+        """
         repo = self.repo
         try:
+            for cid, _ in self._staged:
+                repo.path_of(cid).parent.mkdir(parents=True, exist_ok=True)
             if self._staged and repo.durable:
                 syncfs(self.staging)
             parents: set[Path] = set()
             for cid, staged in self._staged:
                 final = repo.path_of(cid)
-                final.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     rename_noreplace(staged, final)
                 except FileExistsError:

@@ -14,7 +14,7 @@ import time
 import pytest
 from filelock import FileLock, Timeout
 
-from publisher.daemon import transaction_lock_path
+from publisher.locks import transaction_lock_path
 from tests.helpers import Daemon, make_tarball, run_userpub, wait_for
 from tests.integration.test_janitor_support import REPO1, REPO2, Site
 
