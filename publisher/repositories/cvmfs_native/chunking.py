@@ -18,6 +18,7 @@ are therefore exactly those of the genuine detector.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 MIB = 1 << 20
 WINDOW = 32
@@ -76,6 +77,64 @@ def _diagonals(data: bytes | bytearray | memoryview, start: int, stop: int) -> b
     return y.to_bytes(stop - start + 7, "little")[: stop - start].translate(_PARITY)
 
 
+def _needles(params: ChunkParams) -> tuple[bytes, bytes, int]:
+    """Diagonal-parity patterns that every accepted position ends (bits B..31)."""
+    run = 31 - params.threshold.bit_length()  # bits B..30 equal, bit 31 different
+    return b"\x01" + b"\x00" * run, b"\x00" + b"\x01" * run, run + 1
+
+
+def _search(buf: bytes | bytearray | memoryview, first: int, end: int,
+            params: ChunkParams) -> int | None:
+    """First position in ``[first, end)`` of ``buf`` the detector accepts, or None."""
+    zero_run, one_run, span = _needles(params)
+    threshold = params.threshold
+    lo = first - WINDOW + 1  # a pattern starts at i - 31
+    hi = end - WINDOW + 1
+    while lo < hi:
+        top = min(hi, lo + _BLOCK)
+        diag = _diagonals(buf, lo, top + span - 1)
+        best: int | None = None
+        for needle in (zero_run, one_run):
+            pos = diag.find(needle)
+            while pos != -1:
+                i = lo + pos + WINDOW - 1
+                if best is not None and i >= best:
+                    break
+                if accepts(checksum_at(buf, i), threshold):
+                    best = i
+                    break
+                pos = diag.find(needle, pos + 1)
+        if best is not None:
+            return best
+        lo = top
+    return None
+
+
+def cut_points(data: bytes | memoryview, params: ChunkParams = DEFAULT_PARAMS) -> list[int]:
+    """End offsets of the chunks of ``data`` (``[len(data)]`` if it is not chunked)."""
+    n = len(data)
+    ends: list[int] = []
+    last = 0
+    while True:
+        end = min(last + params.maximum, n)
+        found = None
+        if last + params.minimum < end:
+            found = _search(data, last + params.minimum, end, params)
+        if found is None:
+            if n <= last + params.maximum:
+                return [*ends, n]
+            found = last + params.maximum
+        ends.append(found)
+        last = found
+
+
+def split(data: bytes | memoryview, params: ChunkParams = DEFAULT_PARAMS) -> list[memoryview]:
+    """The chunks of ``data`` as views (one element if it is not chunked)."""
+    view = memoryview(data)
+    starts = [0, *cut_points(view, params)]
+    return [view[a:b] for a, b in pairwise(starts)]
+
+
 class Chunker:
     """Cuts a stream into chunks; feed it data, collect chunks, then take the remainder."""
 
@@ -83,10 +142,6 @@ class Chunker:
         self.params = params
         self._buf = bytearray()
         self._next = params.minimum  # next position (relative to the last cut) to test
-        low = params.threshold.bit_length()
-        run = 31 - low  # bits low..30 must be equal, bit 31 different
-        self._needles = (b"\x01" + b"\x00" * run, b"\x00" + b"\x01" * run)
-        self._run = run
 
     def feed(self, data: bytes | memoryview) -> list[bytes]:
         """Add data; return the chunks completed by it."""
@@ -112,44 +167,10 @@ class Chunker:
         buf, params = self._buf, self.params
         end = min(params.maximum, len(buf))
         if self._next < end:
-            found = self._search(self._next, end)
+            found = _search(buf, self._next, end, params)
             if found is not None:
                 return found
             self._next = end
         if len(buf) > params.maximum:
             return params.maximum
         return None
-
-    def _search(self, first: int, end: int) -> int | None:
-        """First accepted position in ``[first, end)``, or None."""
-        buf, threshold, span = self._buf, self.params.threshold, self._run + 1
-        lo = first - WINDOW + 1  # needle start p = i - 31
-        hi = end - WINDOW + 1
-        while lo < hi:
-            top = min(hi, lo + _BLOCK)
-            diag = _diagonals(buf, lo, top + span - 1)
-            best: int | None = None
-            for needle in self._needles:
-                pos = diag.find(needle, 0, top - lo + span - 1)
-                while pos != -1:
-                    i = lo + pos + WINDOW - 1
-                    if best is not None and i >= best:
-                        break
-                    if accepts(checksum_at(buf, i), threshold):
-                        best = i
-                        break
-                    pos = diag.find(needle, pos + 1, top - lo + span - 1)
-            if best is not None:
-                return best
-            lo = top
-        return None
-
-
-def split(data: bytes, params: ChunkParams = DEFAULT_PARAMS) -> list[bytes]:
-    """All chunks of ``data`` (one element if it is not larger than the minimum)."""
-    if len(data) <= params.minimum:
-        return [data]
-    chunker = Chunker(params)
-    chunks = chunker.feed(data)
-    rest = chunker.finish()
-    return [*chunks, rest] if rest else chunks

@@ -32,6 +32,7 @@ _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _C1 = re.compile("[\x80-\x9f]")
 _PIECE = 1 << 20  # bytes read from the tar stream at a time for chunked files (512-aligned)
 _MAX_HOPS = 40
+OFFLOAD_MAX = 128 << 20  # larger files are chunked while they stream, in this process
 
 
 def _fail(member: bytes, reason: str) -> UnpackError:
@@ -201,6 +202,9 @@ class TreeBuilder:
         size = data.size
         if size <= self.params.minimum:
             data.whole = self.pipeline.submit(reader.read_data(size) if size else b"")
+            return
+        if size <= OFFLOAD_MAX:  # chunked by a worker, whole
+            data.job = self.pipeline.submit_file(reader.read_data(size), self.params)
             return
         chunker = Chunker(self.params)
         left = size

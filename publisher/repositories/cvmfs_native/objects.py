@@ -22,8 +22,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from isal import isal_zlib
+
+from publisher.repositories.cvmfs_native.chunking import ChunkParams, split
 
 _LEVEL = 1  # ISA-L levels are 0-3; 1 is several times faster than zlib's 1 at similar size
 
@@ -162,6 +165,40 @@ def _store_batch(root: str, items: list[tuple[bytes, str]]) -> list[tuple[bytes,
     return [(o.digest, o.stored_size, o.new) for o in (store.put_data(d, s) for d, s in items)]
 
 
+def store_file(store: ObjectStore, data: bytes | memoryview, params: ChunkParams
+               ) -> list[tuple[int, StoredObject]]:
+    """Store one file: whole (one element, suffix none) or as ``P`` chunks by the CVMFS rules."""
+    pieces = split(data, params) if len(data) > params.minimum else [memoryview(data)]
+    if len(pieces) == 1:
+        return [(len(data), store.put_data(data))]
+    return [(len(p), store.put_data(p, PARTIAL)) for p in pieces]
+
+
+def _store_file(root: str, data: bytes, params: ChunkParams) -> list[tuple[int, bytes, int, bool]]:
+    """Worker-process side of :meth:`ObjectPipeline.submit_file`."""
+    return [(size, o.digest, o.stored_size, o.new)
+            for size, o in store_file(ObjectStore(Path(root)), data, params)]
+
+
+class FileTicket:
+    """The promised objects of one file: ``[(size, object)]``, one element if not chunked."""
+
+    __slots__ = ("_future", "_value")
+
+    def __init__(self, future: Future[list[tuple[int, bytes, int, bool]]] | None,
+                 value: list[tuple[int, StoredObject]] | None = None) -> None:
+        self._future = future
+        self._value = value
+
+    def result(self) -> list[tuple[int, StoredObject]]:
+        """The stored pieces; raises what storing raised."""
+        if self._value is None:
+            assert self._future is not None
+            self._value = [(size, StoredObject(d, n, new))
+                           for size, d, n, new in self._future.result()]
+        return self._value
+
+
 class _Batch:
     """Objects stored together by one worker call."""
 
@@ -204,12 +241,12 @@ class ObjectPipeline:
     """
 
     def __init__(self, store: ObjectStore, processes: int = 0, *, batch_bytes: int = 1 << 20,
-                 batch_count: int = 128, max_bytes: int = 128 << 20) -> None:
+                 batch_count: int = 128, max_bytes: int = 384 << 20) -> None:
         self.store = store
         self._pool = (ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
                       if processes else None)
         self._batch = _Batch()
-        self._inflight: list[_Batch] = []
+        self._inflight: list[tuple[Future[Any], int]] = []
         self._held = 0
         self._batch_bytes = batch_bytes
         self._batch_count = batch_count
@@ -226,6 +263,22 @@ class ObjectPipeline:
             self.flush()
         return ticket
 
+    def submit_file(self, data: bytes, params: ChunkParams) -> FileTicket:
+        """Queue one large file, chunked and stored by a worker."""
+        if self._pool is None:
+            return FileTicket(None, store_file(self.store, data, params))
+        self._make_room(len(data))
+        future = self._pool.submit(_store_file, str(self.store.root), data, params)
+        self._inflight.append((future, len(data)))
+        self._held += len(data)
+        return FileTicket(future)
+
+    def _make_room(self, size: int) -> None:
+        while self._inflight and self._held + size > self._max:
+            future, held = self._inflight.pop(0)
+            future.exception()  # wait; errors surface through the tickets
+            self._held -= held
+
     def flush(self) -> None:
         """Start storing the current batch."""
         batch = self._batch
@@ -236,14 +289,10 @@ class ObjectPipeline:
             batch.results = [self.store.put_data(d, s) for d, s in batch.items]
             batch.items = []
             return
-        while self._inflight and self._held + batch.size > self._max:
-            done = self._inflight.pop(0)
-            assert done.future is not None
-            done.future.exception()  # wait; errors surface through the tickets
-            self._held -= done.size
+        self._make_room(batch.size)
         batch.future = self._pool.submit(_store_batch, str(self.store.root), batch.items)
         batch.items = []
-        self._inflight.append(batch)
+        self._inflight.append((batch.future, batch.size))
         self._held += batch.size
 
     def close(self) -> None:

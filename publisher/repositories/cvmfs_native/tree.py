@@ -27,7 +27,13 @@ from publisher.repositories.cvmfs_native.catalog import (
     Counters,
     Row,
 )
-from publisher.repositories.cvmfs_native.objects import CATALOG, ObjectStore, StoredObject, Ticket
+from publisher.repositories.cvmfs_native.objects import (
+    CATALOG,
+    FileTicket,
+    ObjectStore,
+    StoredObject,
+    Ticket,
+)
 
 MARKER = b".cvmfscatalog"
 Pending = Ticket | StoredObject
@@ -46,9 +52,17 @@ class FileData:
     mtime_ns: int
     whole: Pending | None = None  # a non-chunked file's object
     chunks: list[tuple[int, Pending]] = field(default_factory=list)  # (size, object) of P chunks
+    job: FileTicket | None = None  # a file stored (and chunked) by a worker
 
     def resolve(self) -> None:
         """Wait for the stored objects (raises what storing raised)."""
+        if self.job is not None:
+            pieces = self.job.result()
+            self.job = None
+            if len(pieces) == 1:
+                self.whole = pieces[0][1]
+            else:
+                self.chunks = [(size, obj) for size, obj in pieces]
         if self.whole is not None:
             self.whole = _result(self.whole)
         self.chunks = [(size, _result(obj)) for size, obj in self.chunks]
