@@ -256,11 +256,15 @@ class Spool:
                 cid = parse_name(path.name)[0]
             except BadEntry:
                 cid = ""
+        original: Path | None = None
         if not path.is_dir():
+            # A plain file (an operator's drop) gets a directory; its payload is a hard link,
+            # and the file leaves its place only once failed/ holds it: a crash in between
+            # leaves the entry to be retried, not lost in tmp/.
             holder = self.tmp / unique_id()
             holder.mkdir()
-            os.rename(path, holder / PAYLOAD)
-            path = holder
+            os.link(path, holder / PAYLOAD, follow_symlinks=False)
+            original, path = path, holder
         record = {"cid": cid, "error": reason, "time": time.time(), "submitter": submitter}
         _write_json(path / REASON, record)
         fsync_dir(path)
@@ -272,6 +276,8 @@ class Spool:
             except FileExistsError:
                 self._trash(target)
         fsync_dir(self.failed)
+        if original is not None:
+            os.unlink(original)
         return target
 
     def recover(self, repo: str) -> int:
