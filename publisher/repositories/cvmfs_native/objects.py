@@ -12,9 +12,11 @@ bounded in the bytes it holds, so the tar stream, chunking and compression use e
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import os
+import signal
 import threading
 import zlib
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ _LEVEL = 1  # ISA-L levels are 0-3; 1 is several times faster than zlib's 1 at s
 CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL = "C", "H", "X", "M", "P"
 SUFFIXES = ("", CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL, "L")
 _FILE_MODE = 0o644
+_PR_SET_PDEATHSIG = 1
 
 
 def compress(data: bytes | memoryview) -> bytes:
@@ -199,6 +202,17 @@ class FileTicket:
         return self._value
 
 
+def _worker_init(parent: int) -> None:
+    """Make a worker die with the process that started it (even by ``kill -9``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
 class _Batch:
     """Objects stored together by one worker call."""
 
@@ -243,7 +257,8 @@ class ObjectPipeline:
     def __init__(self, store: ObjectStore, processes: int = 0, *, batch_bytes: int = 1 << 20,
                  batch_count: int = 128, max_bytes: int = 384 << 20) -> None:
         self.store = store
-        self._pool = (ProcessPoolExecutor(processes, mp_context=get_context("spawn"))
+        self._pool = (ProcessPoolExecutor(processes, mp_context=get_context("spawn"),
+                                          initializer=_worker_init, initargs=(os.getpid(),))
                       if processes else None)
         self._batch = _Batch()
         self._inflight: list[tuple[Future[Any], int]] = []
