@@ -31,6 +31,20 @@ def workload(path: Path, seed: int) -> Path:
     return make_tarball(path, files, mode="w")
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
 def revision(root: Path) -> int:
     return int(manifest_fields(root)["S"])
 
@@ -70,8 +84,11 @@ def test_kill_minus_nine_at_random_points_of_publishing(tmp_path):
             time.sleep(rng.choice([0, 0, 0.0005, 0.002]))
         else:
             time.sleep(rng.uniform(0.0, 3.0))
+        workers = children(pub.proc.pid)
         pub.kill()
         pub.stop()
+        wait_for(lambda ws=workers: not any(Path(f"/proc/{w}").exists() for w in ws), 10,
+                 "object workers outlived their publisher")
         last = check(root, key)
     pub = Daemon(path, "publisher", "--repo", REPO, log=tmp_path / "final.log")
     try:
