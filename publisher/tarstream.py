@@ -81,9 +81,10 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
 class TarReader:
     """Iterate over the members of a tar stream.
 
-    The data of the last regular file yielded can be written out with :meth:`copy_to`; data
-    not consumed is skipped when iteration continues. *max_headers* and *max_meta* (bytes of
-    pax headers and long names) bound the work a hostile archive can cause.
+    The data of the last regular file yielded can be written out with :meth:`copy_to` or read
+    with :meth:`read_data`; data not consumed is skipped when iteration continues.
+    *max_headers* and *max_meta* (bytes of pax headers and long names) bound the work a
+    hostile archive can cause.
     """
 
     def __init__(self, source: ChunkSource, max_headers: int, max_meta: int) -> None:
@@ -149,6 +150,23 @@ class TarReader:
             size -= n
         if pad:
             self._skip(pad)
+
+    def read_data(self, size: int) -> bytes:
+        """The next *size* bytes of the current member's data, as bytes.
+
+        Read the data whole, or in pieces whose sizes are multiples of 512 followed by the
+        remainder; the block padding is skipped after the last piece. Data not read is skipped
+        when iteration continues, as with :meth:`copy_to`.
+        """
+        if size > self._pending or (size < self._pending and size % BLOCK):
+            raise ValueError("read_data: read 512-byte multiples, then the remainder")
+        data = self._read(size)
+        if len(data) < size:
+            raise self._truncated()
+        self._pending -= size
+        if not self._pending:
+            self._skip(-size % BLOCK)
+        return data
 
     def _skip(self, n: int) -> None:
         while n:

@@ -1,9 +1,9 @@
 """Stream a user's tarball into an in-memory tree, storing file contents as objects on the way.
 
 The archive is read once: :mod:`publisher.decompress` and :class:`publisher.tarstream.TarReader`
-give the members, each regular file's data goes straight to the object pipeline (whole if at
-most the minimum chunk size, else cut by :class:`~.chunking.Chunker` into ``P`` chunks), and
-the tree records names, modes and mtimes. Nothing is written to disk but objects.
+give the members and their data (``read_data``); each regular file's data goes straight to the
+object pipeline (whole if at most the minimum chunk size, else cut into ``P`` chunks), and the
+tree records names, modes and mtimes. Nothing is written to disk but objects.
 
 The safety rules are those of :mod:`publisher.unpack` (same checks, same messages), applied to
 the tree instead of a directory: names (UTF-8, no control characters, no absolute paths or
@@ -23,7 +23,7 @@ from publisher.decompress import UnpackError, detect_compression, open_chunks
 from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, Chunker, ChunkParams
 from publisher.repositories.cvmfs_native.objects import PARTIAL, ObjectPipeline
 from publisher.repositories.cvmfs_native.tree import Dir, File, FileData, Node, Symlink
-from publisher.tarstream import BLOCK, DIR, LNK, REG, SYM, Member, TarReader, show
+from publisher.tarstream import DIR, LNK, REG, SYM, Member, TarReader, show
 from publisher.unpack import UnpackLimits, UnpackStats
 
 _PATH_MAX = 4096
@@ -60,31 +60,6 @@ class BuildResult:
 
     root: Dir
     stats: UnpackStats
-
-
-class DataReader(TarReader):
-    """A TarReader that also hands out member data as bytes (no file descriptor needed).
-
-    Stopgap until :class:`TarReader` offers this itself (see docs/cvmfs-native.md): it uses
-    the reader's buffer primitives, exactly as ``copy_to`` does.
-    """
-
-    def read_data(self, size: int) -> bytes:
-        """The next ``size`` data bytes of the current member.
-
-        A member is read whole or in 512-aligned pieces followed by its remainder; the block
-        padding is skipped after the remainder.
-        """
-        data = self._read(size)
-        if len(data) < size:
-            raise self._truncated()
-        pending = getattr(self, "_pending", None)  # newer TarReader: unread member bytes
-        if pending is not None:
-            self._pending = pending - size
-        pad = -size % BLOCK
-        if pad:
-            self._skip(pad)
-        return data
 
 
 class TreeBuilder:
@@ -170,7 +145,7 @@ class TreeBuilder:
         self.nodes[rel] = node
 
     # -- members ----------------------------------------------------------------------------
-    def add(self, m: Member, reader: DataReader) -> None:
+    def add(self, m: Member, reader: TarReader) -> None:
         """Apply one member (consuming its data)."""
         if m.kind == REG:
             self._file(m, reader)
@@ -183,7 +158,7 @@ class TreeBuilder:
         else:  # pragma: no cover - TarReader reports only these kinds
             raise _fail(m.name, f"unsupported member kind {m.kind}")
 
-    def _file(self, m: Member, reader: DataReader) -> None:
+    def _file(self, m: Member, reader: TarReader) -> None:
         raw = m.name
         rel = self.clean(raw, raw)
         if not rel:
@@ -198,7 +173,7 @@ class TreeBuilder:
         self._link(rel, File(data))
         self.files += 1
 
-    def _store(self, data: FileData, reader: DataReader) -> None:
+    def _store(self, data: FileData, reader: TarReader) -> None:
         size = data.size
         if size <= self.params.minimum:
             data.whole = self.pipeline.submit(reader.read_data(size) if size else b"")
@@ -327,7 +302,7 @@ def build_tree(payload: os.PathLike[str] | str, visible_root: bytes, limits: Unp
     with open(payload, "rb") as f:
         compression = detect_compression(os.pread(f.fileno(), 4096, 0))
         with open_chunks(f, compression) as chunks:
-            reader = DataReader(chunks, 3 * limits.max_members + 16, limits.max_bytes)
+            reader = TarReader(chunks, 3 * limits.max_members + 16, limits.max_bytes)
             for member in reader:
                 builder.add(member, reader)
     return builder.finish(compression)
