@@ -109,6 +109,59 @@ def _char_problem(raw: bytes) -> str | None:
     return None
 
 
+def clean_path(raw: bytes, member: bytes, root_len: int, what: str = "path") -> bytes:
+    """The normalised relative path of the archive name *raw*, or UnpackError.
+
+    *root_len* is the length of the directory it goes below (for the PATH_MAX check);
+    *member* names the member in messages; *what* is "path" or "hard link target".
+    """
+    if not raw.isascii() or _BAD_BYTES.search(raw):
+        problem = _char_problem(raw)
+        if problem:
+            raise _fail(member, f"{what} {problem}")
+    if raw[:1] == b"/":
+        raise _fail(member, f"absolute {what}" if what == "path" else f"{what} is absolute")
+    parts = raw.split(b"/")
+    if b".." in parts:
+        raise _fail(member, f"{what} escapes the CID directory")
+    if b"" in parts or b"." in parts:
+        parts = [p for p in parts if p and p != b"."]
+        raw = b"/".join(parts)
+    if len(raw) > _NAME_MAX:
+        if len(raw) + root_len >= _PATH_MAX:
+            raise _fail(member, f"{what} too long ({len(raw)} bytes)")
+        if max(map(len, parts)) > _NAME_MAX:
+            raise _fail(member, f"{what} has a component longer than {_NAME_MAX} bytes")
+    return raw
+
+
+def check_symlink(rel: bytes, member: bytes, target: bytes) -> bool:
+    """Check the target of a symlink at the cleaned path *rel*; UnpackError if it is bad.
+
+    Returns True when the target has ``..`` after a normal component, so that it must be
+    resolved again once every member exists (symlinks through symlinks).
+    """
+    problem = "is empty" if not target else _char_problem(target)
+    if problem:
+        raise _fail(member, f"symlink target {problem}")
+    if target[:1] == b"/":
+        raise _fail(member, f"absolute symlink target {show(target)}")
+    if len(target) >= _PATH_MAX:
+        raise _fail(member, "symlink target too long")
+    depth = rel.count(b"/")  # components of the link's directory
+    recheck = normal = False
+    for comp in target.split(b"/"):
+        if comp == b"..":
+            depth -= 1
+            recheck = recheck or normal
+            if depth < 0:
+                raise _fail(member, f"symlink target {show(target)} escapes the CID directory")
+        elif comp and comp != b".":
+            depth += 1
+            normal = True
+    return recheck
+
+
 class _Writer:
     """A thread that writes large file bodies while the main thread goes on parsing.
 
@@ -177,24 +230,7 @@ class _Extractor:
 
     def clean(self, raw: bytes, member: bytes, what: str = "path") -> bytes:
         """Return the normalised relative path of *raw*, or raise."""
-        if not raw.isascii() or _BAD_BYTES.search(raw):
-            problem = _char_problem(raw)
-            if problem:
-                raise _fail(member, f"{what} {problem}")
-        if raw[:1] == b"/":
-            raise _fail(member, f"absolute {what}" if what == "path" else f"{what} is absolute")
-        parts = raw.split(b"/")
-        if b".." in parts:
-            raise _fail(member, f"{what} escapes the CID directory")
-        if b"" in parts or b"." in parts:
-            parts = [p for p in parts if p and p != b"."]
-            raw = b"/".join(parts)
-        if len(raw) > _NAME_MAX:
-            if len(raw) + len(self.root) >= _PATH_MAX:
-                raise _fail(member, f"{what} too long ({len(raw)} bytes)")
-            if max(map(len, parts)) > _NAME_MAX:
-                raise _fail(member, f"{what} has a component longer than {_NAME_MAX} bytes")
-        return raw
+        return clean_path(raw, member, len(self.root), what)
 
     def _count(self, member: bytes) -> None:
         self.entries += 1
@@ -278,24 +314,7 @@ class _Extractor:
         rel = self.clean(raw, raw)
         if not rel:
             raise _fail(raw, "a symlink cannot replace the CID directory")
-        problem = "is empty" if not target else _char_problem(target)
-        if problem:
-            raise _fail(raw, f"symlink target {problem}")
-        if target[:1] == b"/":
-            raise _fail(raw, f"absolute symlink target {show(target)}")
-        if len(target) >= _PATH_MAX:
-            raise _fail(raw, "symlink target too long")
-        depth = rel.count(b"/")  # components of the link's directory
-        recheck = normal = False
-        for comp in target.split(b"/"):
-            if comp == b"..":
-                depth -= 1
-                recheck = recheck or normal
-                if depth < 0:
-                    raise _fail(raw, f"symlink target {show(target)} escapes the CID directory")
-            elif comp and comp != b".":
-                depth += 1
-                normal = True
+        recheck = check_symlink(rel, raw, target)
         self._place(rel, raw, SYM)
         full = self.root + rel
         os.symlink(target, full)
