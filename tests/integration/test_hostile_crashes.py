@@ -294,6 +294,45 @@ def test_ingest_killed_mid_upload_then_restarted(tmp_path):
     assert site_dir.is_dir()
 
 
+@pytest.mark.parametrize(("point", "syscall", "when"), [
+    ("mid-removal", "rename", 60),  # the 60th CID renamed into the trash
+    ("mid-gc", "unlinkat", 300),  # the trash being deleted
+])
+def test_janitor_killed_mid_cleanup_then_restarted_by_hand(tmp_path, point, syscall, when):
+    site = _janitor_site(load_config(write_config(tmp_path / "site")))
+    files = files_of(7, 12)
+    old = [f"old/c{i:03d}" for i in range(150)]
+    fresh = [f"new/c{i:03d}" for i in range(20)]
+    site.publish(REPO1, old, age_days=40, files=files)
+    site.publish(REPO1, fresh, age_days=1, files=files)
+    want = expected_listing(files)
+    with CidWatcher([site.root(REPO1)], lambda cid: want) as watcher:
+        janitor = Daemon(site.path, "janitor", "--now", "--repo", REPO1,
+                         log=tmp_path / "janitor1.log")
+        janitor.proc.send_signal(signal.SIGSTOP)  # before it does anything: arm the point
+        try:
+            with Failpoint(janitor.proc.pid, syscall, when) as fp:
+                janitor.proc.send_signal(signal.SIGCONT)
+                fp.wait_hit(60, janitor.log)
+                fp.kill()
+        finally:
+            janitor.kill()
+            janitor.stop()
+        left = site.cids(REPO1)
+        assert set(fresh) <= left  # nothing in use ever goes
+        if point == "mid-removal":
+            assert 0 < len(left & set(old)) < len(old)
+        else:
+            assert not left & set(old) and not site.trash_is_empty(REPO1)
+        assert "cleanup success" not in janitor.log()
+        # the next run (here by hand) finishes the job: recover, remove the rest, gc
+        run_userpub(site.path, "janitor", "--now", "--repo", REPO1)
+        watcher.check()
+    assert site.cids(REPO1) == set(fresh)
+    assert site.trash_is_empty(REPO1)
+    assert leftovers(site.config) == []
+
+
 # -- everything at once, under the supervisor --------------------------------------------------
 
 
