@@ -44,7 +44,8 @@ from pathlib import Path
 from publisher.decompress import UnpackError, detect_compression, open_chunks
 from publisher.tarstream import DIR, LNK, REG, SYM, Member, TarReader, show
 
-__all__ = ["UnpackError", "UnpackLimits", "UnpackStats", "detect_compression", "unpack"]
+__all__ = ["UnpackError", "UnpackLimits", "UnpackStats", "check_symlink", "clean_path",
+           "detect_compression", "unpack"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _BIG = 256 * 1024  # file bodies at least this large are written by the writer thread

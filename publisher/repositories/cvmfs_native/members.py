@@ -5,18 +5,17 @@ give the members and their data (``read_data``); each regular file's data goes s
 object pipeline (whole if at most the minimum chunk size, else cut into ``P`` chunks), and the
 tree records names, modes and mtimes. Nothing is written to disk but objects.
 
-The safety rules are those of :mod:`publisher.unpack` (same checks, same messages), applied to
-the tree instead of a directory: names (UTF-8, no control characters, no absolute paths or
-``..``, length limits), symlink targets (relative, lexically inside, re-resolved through other
-symlinks at the end), hard links (to a regular file seen earlier), no special members, no type
-changes involving a directory, nothing below a file or symlink, and the member and byte limits.
+The safety rules are those of :mod:`publisher.unpack`: names and symlink targets are judged by
+its own ``clean_path`` and ``check_symlink``; the structural rules (hard links to a regular
+file seen earlier, no type changes involving a directory, nothing below a file or symlink,
+symlinks re-resolved through other symlinks at the end, the member and byte limits) are
+applied to the tree instead of a directory, with the same messages.
 Modes become 0o644/0o755 for files and ``mode | 0o755`` for directories.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from publisher.decompress import UnpackError, detect_compression, open_chunks
@@ -24,12 +23,8 @@ from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, Chunker
 from publisher.repositories.cvmfs_native.objects import PARTIAL, ObjectPipeline
 from publisher.repositories.cvmfs_native.tree import Dir, File, FileData, Node, Symlink
 from publisher.tarstream import DIR, LNK, REG, SYM, Member, TarReader, show
-from publisher.unpack import UnpackLimits, UnpackStats
+from publisher.unpack import UnpackLimits, UnpackStats, check_symlink, clean_path
 
-_PATH_MAX = 4096
-_NAME_MAX = 255
-_BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
-_C1 = re.compile("[\x80-\x9f]")
 _PIECE = 1 << 20  # bytes read from the tar stream at a time for chunked files (512-aligned)
 _MAX_HOPS = 40
 OFFLOAD_MAX = 128 << 20  # larger files are chunked while they stream, in this process
@@ -37,21 +32,6 @@ OFFLOAD_MAX = 128 << 20  # larger files are chunked while they stream, in this p
 
 def _fail(member: bytes, reason: str) -> UnpackError:
     return UnpackError(f"member {show(member)}: {reason}")
-
-
-def _char_problem(raw: bytes) -> str | None:
-    if b"\0" in raw:
-        return "contains a NUL byte"
-    if _BAD_BYTES.search(raw):
-        return "contains a control character"
-    if not raw.isascii():
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "is not valid UTF-8"
-        if _C1.search(text):
-            return "contains a control character"
-    return None
 
 
 @dataclass
@@ -81,25 +61,8 @@ class TreeBuilder:
 
     # -- names ------------------------------------------------------------------------------
     def clean(self, raw: bytes, member: bytes, what: str = "path") -> bytes:
-        """The normalised relative path of ``raw``, or UnpackError."""
-        if not raw.isascii() or _BAD_BYTES.search(raw):
-            problem = _char_problem(raw)
-            if problem:
-                raise _fail(member, f"{what} {problem}")
-        if raw[:1] == b"/":
-            raise _fail(member, f"absolute {what}" if what == "path" else f"{what} is absolute")
-        parts = raw.split(b"/")
-        if b".." in parts:
-            raise _fail(member, f"{what} escapes the CID directory")
-        if b"" in parts or b"." in parts:
-            parts = [p for p in parts if p and p != b"."]
-            raw = b"/".join(parts)
-        if len(raw) > _NAME_MAX:
-            if len(raw) + len(self.visible_root) >= _PATH_MAX:
-                raise _fail(member, f"{what} too long ({len(raw)} bytes)")
-            if max(map(len, parts)) > _NAME_MAX:
-                raise _fail(member, f"{what} has a component longer than {_NAME_MAX} bytes")
-        return raw
+        """The normalised relative path of ``raw``, or UnpackError (the unpacker's rule)."""
+        return clean_path(raw, member, len(self.visible_root), what)
 
     def _count(self, member: bytes) -> None:
         self.entries += 1
@@ -207,24 +170,7 @@ class TreeBuilder:
         rel = self.clean(raw, raw)
         if not rel:
             raise _fail(raw, "a symlink cannot replace the CID directory")
-        problem = "is empty" if not target else _char_problem(target)
-        if problem:
-            raise _fail(raw, f"symlink target {problem}")
-        if target[:1] == b"/":
-            raise _fail(raw, f"absolute symlink target {show(target)}")
-        if len(target) >= _PATH_MAX:
-            raise _fail(raw, "symlink target too long")
-        depth = rel.count(b"/")
-        recheck = normal = False
-        for comp in target.split(b"/"):
-            if comp == b"..":
-                depth -= 1
-                recheck = recheck or normal
-                if depth < 0:
-                    raise _fail(raw, f"symlink target {show(target)} escapes the CID directory")
-            elif comp and comp != b".":
-                depth += 1
-                normal = True
+        recheck = check_symlink(rel, raw, target)
         self._place(rel, raw, SYM)
         self._link(rel, Symlink(target, m.mtime_ns))
         self.symlinks += 1
