@@ -129,15 +129,17 @@ def _not_found(start_response: StartResponse) -> list[bytes]:
 
 
 def _info(roots: Mapping[str, Path], which: str) -> bytes:
+    """The server JSON the writer keeps beside the repositories, else a minimal one."""
+    for root in roots.values():
+        try:
+            return (root.parent / "info" / which).read_bytes()
+        except OSError:
+            continue
     if which == "v1/meta.json":
-        for root in roots.values():
-            try:
-                return (root.parent / "info" / "v1" / "meta.json").read_bytes()
-            except OSError:
-                continue
         return b'{"schema": 1}\n'
     names = sorted(name for name, root in roots.items()
                    if os.path.exists(root / ".cvmfspublished"))
-    data = {"schema": 1, "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in names],
-            "replicas": []}
+    data = {"schema": 1, "cvmfs_version": "userpub", "os_id": "linux", "os_version_id": "",
+            "os_pretty_name": "Linux",
+            "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in names], "replicas": []}
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

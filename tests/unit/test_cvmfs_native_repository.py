@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import random
 import time
@@ -192,6 +193,8 @@ def test_gc_removes_exactly_the_unreachable_objects(tmp_path, key_files):
     assert after - before == {fields["C"] + "C", fields["H"] + "H"}  # the GC revision's own
     assert gc.bytes_freed > 600_000  # ... and the removed CIDs' objects went
     assert sorted(repo.cids()) == ["g/c2", "g/c3", "g/c4"]
+    status = json.loads((repo.root / ".cvmfs_status.json").read_text())
+    assert time.strptime(status["last_gc"], "%a %b %d %H:%M:%S %Z %Y")
     check_repository(repo.root)
     userpub_verify(repo.root, key_files.master_public)
     # every CID still reads back whole

@@ -99,6 +99,10 @@ def test_headers_caching_and_refusals(published):
         assert post.status_code == 405 and post.headers["Allow"] == "GET, HEAD"
         info = requests.get(f"{base}/cvmfs/info/v1/repositories.json", timeout=10).json()
         assert info["repositories"] == [{"name": FQRN, "url": f"/cvmfs/{FQRN}"}]
+        assert info["schema"] == 1 and info["replicas"] == []
+        for key in ("cvmfs_version", "os_id", "os_version_id", "os_pretty_name"):
+            assert isinstance(info[key], str), key  # what cvmfs-server-scraper requires
+        assert requests.get(f"{url}/.cvmfs_status.json", timeout=10).json() == {}
         assert requests.get(f"{base}/cvmfs/info/v1/meta.json", timeout=10).json()["schema"] == 1
 
 

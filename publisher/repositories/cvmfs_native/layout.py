@@ -23,6 +23,7 @@ MANIFEST = ".cvmfspublished"
 REFLOG = ".cvmfsreflog"
 WHITELIST = ".cvmfswhitelist"
 REPLICA = ".cvmfs_master_replica"
+STATUS = ".cvmfs_status.json"
 WORK = ".userpub"
 REPLICA_TEXT = "This file marks the repository as replicatable to stratum 1 servers\n"
 
@@ -81,6 +82,8 @@ class Layout:
         replica = self.root / REPLICA
         if not replica.exists():
             write_atomic(replica, REPLICA_TEXT.encode())
+        if not (self.root / STATUS).exists():
+            write_atomic(self.root / STATUS, b"{}\n", durable=False)
 
     def read_manifest(self) -> Manifest | None:
         """The published manifest (signature not checked: this is our own disk), or None."""
@@ -155,6 +158,33 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True, mode: int = 0
         fsync_dir(path.parent)
 
 
+def os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:
+    """The server fields of ``repositories.json``: software version and operating system."""
+    from userpub import __version__
+
+    fields: dict[str, str] = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition("=")
+            fields[key] = value.strip().strip('"')
+    except OSError:
+        pass
+    return {"cvmfs_version": f"userpub-{__version__}", "os_id": fields.get("ID", "linux"),
+            "os_version_id": fields.get("VERSION_ID", ""),
+            "os_pretty_name": fields.get("PRETTY_NAME", "Linux")}
+
+
+def write_status(root: Path, **fields: str) -> None:
+    """Update ``.cvmfs_status.json`` (``last_gc``: cvmfs's date format)."""
+    path = root / STATUS
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        status = {}
+    status.update(fields)
+    write_atomic(path, (json.dumps(status, sort_keys=True) + "\n").encode(), durable=False)
+
+
 def write_server_info(root: Path, *, metainfo: dict[str, object]) -> None:
     """``../info/v1/repositories.json`` and ``meta.json`` beside the repository (best effort).
 
@@ -164,8 +194,8 @@ def write_server_info(root: Path, *, metainfo: dict[str, object]) -> None:
     info = base / "info" / "v1"
     names = sorted(m.fqrn for p in base.iterdir()
                    if os.path.lexists(p / MANIFEST) and (m := Layout(p).read_manifest()))
-    repos = {"schema": 1, "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in names],
-             "replicas": []}
+    repos = {"schema": 1, **os_release(),
+             "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in names], "replicas": []}
     meta = {"schema": 1, **metainfo}
     info.mkdir(parents=True, exist_ok=True)
     for fname, content in (("repositories.json", repos), ("meta.json", meta)):

@@ -25,7 +25,7 @@ from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, ChunkPa
 from publisher.repositories.cvmfs_native.gc import expired, kept_roots, reachable
 from publisher.repositories.cvmfs_native.history import History
 from publisher.repositories.cvmfs_native.keys import KeyFiles, Keys, KeysError, load_keys
-from publisher.repositories.cvmfs_native.layout import write_atomic, write_server_info
+from publisher.repositories.cvmfs_native.layout import write_atomic, write_server_info, write_status
 from publisher.repositories.cvmfs_native.manifest import (
     LetterError,
     Manifest,
@@ -214,6 +214,8 @@ class NativeRepository(NativeReader):
                     path.unlink()
                 except FileNotFoundError:
                     continue
+            write_status(self.root, last_gc=time.strftime("%a %b %d %H:%M:%S UTC %Y",
+                                                          time.gmtime(now)))
         log.info("%s: garbage collection freed %d bytes in %d objects", self.name, freed,
                  len(doomed))
         return GcResult(freed, time.monotonic() - start)
