@@ -239,11 +239,6 @@ class CatalogFile:
                 setattr(target, counter, value)
         return own, sub
 
-    def property(self, key: str) -> str | None:
-        """One value of ``properties``."""
-        row = self.conn.execute("SELECT value FROM properties WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
     def finish(self, *, revision: int, now: int, subtree: Counters,
                previous: str | None = None, ttl: int | None = None) -> Counters:
         """Write counters and properties, close the database; return self + subtree."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,10 +51,6 @@ class Manifest:
                   ("N", self.fqrn), ("X", self.certificate), ("H", self.history),
                   ("T", str(self.timestamp)), ("M", self.metainfo), ("Y", self.reflog)]
         return "".join(f"{k}{v}\n" for k, v in fields).encode()
-
-    def next(self, **changes: object) -> Manifest:
-        """A copy with some fields changed."""
-        return replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def parse(cls, body: bytes) -> Manifest:

@@ -76,9 +76,6 @@ class ObjectStore:
         self.data = root / "data"
         self.txn = self.data / "txn"
         self._names = itertools.count()
-        self._lock = threading.Lock()
-        self.written_objects = 0
-        self.written_bytes = 0
 
     def ensure_layout(self) -> None:
         """Create ``data/00`` .. ``data/ff`` and ``data/txn`` (idempotent)."""
@@ -112,9 +109,6 @@ class ObjectStore:
         finally:
             os.close(fd)
         os.rename(tmp, final)
-        with self._lock:
-            self.written_objects += 1
-            self.written_bytes += len(stored)
         return StoredObject(digest, len(stored), new=True)
 
     def put_data(self, data: bytes | memoryview, suffix: str = "") -> StoredObject:
@@ -128,10 +122,6 @@ class ObjectStore:
     def get(self, hex_digest: str, suffix: str = "") -> bytes:
         """The inflated content of an object; FileNotFoundError if it is absent."""
         return decompress(self.path(hex_digest, suffix).read_bytes())
-
-    def exists(self, hex_digest: str, suffix: str = "") -> bool:
-        """True when the object is stored."""
-        return self.path(hex_digest, suffix).is_file()
 
     def names(self) -> Iterator[tuple[str, Path]]:
         """Every stored object as (``<hex><suffix>``, path); ``data/txn`` excluded."""

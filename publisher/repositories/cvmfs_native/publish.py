@@ -44,7 +44,7 @@ from publisher.repositories.cvmfs_native.history import (
 )
 from publisher.repositories.cvmfs_native.keys import Keys
 from publisher.repositories.cvmfs_native.layout import Layout
-from publisher.repositories.cvmfs_native.manifest import Manifest, fingerprint, sign_manifest
+from publisher.repositories.cvmfs_native.manifest import Manifest, sign_manifest
 from publisher.repositories.cvmfs_native.objects import (
     CATALOG,
     CERTIFICATE,
@@ -298,10 +298,6 @@ class RevisionWriter:
         self.layout.install(revision, sign_manifest(manifest, self.keys.repository_key),
                             reflog_local, durable=self.durable)
         return manifest
-
-    def certificate_fingerprint(self) -> str:
-        """The fingerprint the whitelist must list."""
-        return fingerprint(self.keys.certificate_pem)
 
 
 class StampEditor:
