@@ -66,7 +66,7 @@ class Sandbox:
         self.before = self._outside()
 
     def _outside(self) -> set[str]:
-        out = set()
+        out: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(self.root):
             here = Path(dirpath)
             dirnames[:] = [d for d in dirnames if here / d != self.dest]

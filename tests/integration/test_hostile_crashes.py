@@ -12,6 +12,7 @@ test queues a batch, so that one pass claims the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -172,14 +173,17 @@ POINTS = {
 
 
 @pytest.mark.parametrize("point", list(POINTS))
-def test_publisher_killed_at_a_point_then_restarted_by_hand(tmp_path, point):
+def test_publisher_killed_at_a_point_then_restarted_by_hand(tmp_path: Path, point: str) -> None:
     syscall, when, check = POINTS[point]
     site = CrashSite(tmp_path, durable=syscall == "syncfs")
     cids = [f"grp/c{i}" for i in range(3)]
     with site.watcher() as watcher:
         publisher = site.publisher()
         try:
-            queue = lambda: [site.drop(cid, files_of(i, 200)) for i, cid in enumerate(cids)]  # noqa: E731
+            def queue() -> None:
+                for i, cid in enumerate(cids):
+                    site.drop(cid, files_of(i, 200))
+
             with hold(publisher, syscall, when, queue) as fp:
                 fp.wait_hit(60, publisher.log)
                 check(site, cids)
@@ -203,7 +207,7 @@ def test_publisher_killed_at_a_point_then_restarted_by_hand(tmp_path, point):
     site.clean_up_and_check()
 
 
-def test_publisher_killed_mid_stamp_then_restarted(tmp_path):
+def test_publisher_killed_mid_stamp_then_restarted(tmp_path: Path) -> None:
     site = CrashSite(tmp_path)
     cids = ["grp/s0", "grp/s1"]
     publisher = site.publisher()
@@ -213,7 +217,10 @@ def test_publisher_killed_mid_stamp_then_restarted(tmp_path):
         wait_for(lambda: all(map(site.published, cids)) and site.spool_empty(), 30,
                  publisher.log)
         stamps = site.root() / "ts"
-        queue = lambda: [site.spool.drop_stamp(cid, "user") for cid in cids]  # noqa: E731
+        def queue() -> None:
+            for cid in cids:
+                site.spool.drop_stamp(cid, "user")
+
         with hold(publisher, "rename", 1, queue) as fp:  # the first stamp's rename into place
             fp.wait_hit(60, publisher.log)
             written = [p.name for p in (stamps / "grp").iterdir()]
@@ -233,7 +240,7 @@ def test_publisher_killed_mid_stamp_then_restarted(tmp_path):
     site.clean_up_and_check()
 
 
-def test_ingest_killed_mid_upload_then_restarted(tmp_path):
+def test_ingest_killed_mid_upload_then_restarted(tmp_path: Path) -> None:
     pki = TestPKI(tmp_path / "pki")
     config = ingest_config(tmp_path / "site", pki, http=False, repos=1)
     site_dir = tmp_path / "site"
@@ -281,7 +288,9 @@ def test_ingest_killed_mid_upload_then_restarted(tmp_path):
     finally:
         publisher.stop()
         ingest.stop()
-    assert tree_listing(config.repositories[0].root / "sw/grp/cut")["pkg1/d0/f0000.txt"] == \
+    root = config.repositories[0].root
+    assert root is not None
+    assert tree_listing(root / "sw/grp/cut")["pkg1/d0/f0000.txt"] == \
         files["pkg1/d0/f0000.txt"]
     # once older than the grace period, the next start of a publisher removes it
     assert age_tmp(config, config.janitor.tmp_grace_hours * 3600 + 60) == [leftover]
@@ -298,7 +307,8 @@ def test_ingest_killed_mid_upload_then_restarted(tmp_path):
     ("mid-removal", "rename", 60),  # the 60th CID renamed into the trash
     ("mid-gc", "unlinkat", 300),  # the trash being deleted
 ])
-def test_janitor_killed_mid_cleanup_then_restarted_by_hand(tmp_path, point, syscall, when):
+def test_janitor_killed_mid_cleanup_then_restarted_by_hand(
+        tmp_path: Path, point: str, syscall: str, when: int) -> None:
     site = _janitor_site(load_config(write_config(tmp_path / "site")))
     files = files_of(7, 12)
     old = [f"old/c{i:03d}" for i in range(150)]
@@ -373,7 +383,7 @@ def child(supervisor: Daemon, name: str, timeout: float = 30) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_of_every_daemon_under_userpub_run(tmp_path):
+def test_kill_9_of_every_daemon_under_userpub_run(tmp_path: Path) -> None:
     """Ingest killed mid-upload, the publisher killed mid-batch twice, the janitor killed
     mid-cleanup: ``userpub run`` restarts each (with backoff), and the promise holds."""
     pki = TestPKI(tmp_path / "pki")
@@ -403,6 +413,7 @@ def test_kill_9_of_every_daemon_under_userpub_run(tmp_path):
     answers: dict[str, str] = {}
     api = Api(f"127.0.0.1:{port}", pki)
     supervisor = Daemon(config.path, "run", log=tmp_path / "run.log")
+    paused = 0
     with CidWatcher(roots, expected) as watcher:
         try:
             ingest_pid = child(supervisor, " ingest")
@@ -410,6 +421,9 @@ def test_kill_9_of_every_daemon_under_userpub_run(tmp_path):
             # the janitor is cleaning repo1 (its publisher waits for the lock): kill it
             wait_for(lambda: supervisor.log().count(" removed old/") >= 20, 60, supervisor.log)
             os.kill(child(supervisor, " janitor"), signal.SIGKILL)
+            # repo1's publisher pauses: the uploads are repo2's publisher's to take
+            paused = child(supervisor, f"--repo {REPO1}")
+            os.kill(paused, signal.SIGSTOP)
             # uploads begin; the ingest server dies in the middle of them
             uploaders = [Uploader(api, cid, tarballs[cid], answers) for cid in tarballs]
             for up in uploaders[:12]:
@@ -418,14 +432,14 @@ def test_kill_9_of_every_daemon_under_userpub_run(tmp_path):
             os.kill(ingest_pid, signal.SIGKILL)
             for up in uploaders[12:]:
                 up.start()
-            # the publisher of repo2 dies twice while unpacking a batch (a transaction's
-            # staging directory is named after its process)
+            # the publisher of repo2 dies while unpacking a batch (a transaction's staging
+            # directory is named after its process), and again as soon as it is back
             staging = config.repositories[1].root / ".userpub/staging"  # type: ignore[operator]
-            for _ in range(2):
-                pid = child(supervisor, f"--repo {REPO2}")
-                wait_for(lambda p=pid: any(staging.glob(f"*.P{p}Q*/*")), 60, supervisor.log)
-                os.kill(pid, signal.SIGKILL)
-                wait_for(lambda p=pid: p not in children(supervisor.proc.pid), 10)
+            kill_while_unpacking(supervisor, staging, REPO2)
+            wait_for(lambda: supervisor.log().count(f"{REPO2}: publisher ready") == 2, 30,
+                     supervisor.log)
+            os.kill(child(supervisor, f"--repo {REPO2}"), signal.SIGKILL)
+            os.kill(paused, signal.SIGCONT)
             for up in uploaders:
                 up.join(150)
             assert sorted(answers) == sorted(tarballs), supervisor.log()[-3000:]
@@ -442,24 +456,37 @@ def test_kill_9_of_every_daemon_under_userpub_run(tmp_path):
             wait_for(all_published, 120, lambda: supervisor.log()[-3000:])
             wait_for(lambda: "cleanup success" in supervisor.log(), 120, supervisor.log)
         finally:
+            if paused:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(paused, signal.SIGCONT)
             code = supervisor.stop(timeout=120)
         watcher.check()
     log = supervisor.log()
     assert code == 0, log[-3000:]
     assert log.count("killed by signal 9; restarting") >= 4, log[-3000:]
+    assert f"publisher:{REPO2} (pid" in log and "restarting in 2 s" in log  # backoff grows
     assert "ingest (pid" in log and "janitor (pid" in log
     for cid in tarballs:
         root = [r for r in roots if (r / "sw" / cid).exists()]
         assert len(root) == 1 and listing(root[0] / "sw" / cid) == expected(cid)
     assert jsite.cids(REPO1).isdisjoint(old)  # the interrupted cleanup was finished
-    # the uploads cut by the kill of ingest wait in tmp/ until they are older than the grace
-    # period (they could be uploads in progress of another ingest server); then they go
+    # the uploads (and stamps) cut by the kill of ingest wait in tmp/ until they are older
+    # than the grace period (they could be in progress in another ingest server); then they go
     cut = age_tmp(config, config.janitor.tmp_grace_hours * 3600 + 60)
-    assert all((config.server.spool / "tmp" / n / "payload").exists() for n in cut), cut
+    assert all((config.server.spool / "tmp" / n).is_dir() for n in cut), cut
     run_userpub(config.path, "janitor", "--now")
     assert leftovers(config) == []
     assert children(os.getpid()) == {} or all("userpub" not in c
                                               for c in children(os.getpid()).values())
+
+
+def kill_while_unpacking(supervisor: Daemon, staging: Path, repo: str) -> None:
+    """kill -9 the supervised publisher of ``repo`` once its transaction (named after its
+    process) holds a CID being unpacked; wait until it is gone."""
+    pid = child(supervisor, f"--repo {repo}")
+    wait_for(lambda: any(staging.glob(f"*.P{pid}Q*/*")), 60, supervisor.log)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: pid not in children(supervisor.proc.pid), 10)
 
 
 def _janitor_site(config: Config) -> JanitorSite:

@@ -43,7 +43,7 @@ def random_tarball(path: Path, size: int) -> tuple[Path, dict[str, bytes]]:
     return make_tarball(path, files), files
 
 
-def test_spool_full_uploads_get_507_and_nothing_accepted_is_lost(tmp_path):
+def test_spool_full_uploads_get_507_and_nothing_accepted_is_lost(tmp_path: Path) -> None:
     pki = TestPKI(tmp_path / "pki")
     config = ingest_config(tmp_path / "site", pki, http=False, repos=1, threads=12,
                            spool_reserve_bytes=4 * MIB)
@@ -93,7 +93,7 @@ def test_spool_full_uploads_get_507_and_nothing_accepted_is_lost(tmp_path):
                 for cid in refused:  # the users try again
                     with tarballs[cid][0].open("rb") as fh:
                         assert api.publish(cid, fh).text == "OK\n"
-                    wait_for(lambda c=cid: api.text("status", c) == present.format(c), 60,
+                    wait_for(lambda: api.text("status", cid) == present.format(cid), 60,  # noqa: B023
                              publisher.log)
             finally:
                 publisher.stop()
@@ -142,7 +142,10 @@ class RepoOnTmpfs:
         return state.state.value + (f":{state.reason}" if state.reason else "")
 
 
-def test_repository_full_during_unpack_retries_then_publishes_once_room_is_made(tmp_path):
+def test_repository_full_during_unpack_retries_then_publishes_once_room_is_made(
+
+
+        tmp_path: Path) -> None:
     site = RepoOnTmpfs(tmp_path, "8m", max_attempts=6)
     with site.mounted(), site.watcher() as watcher:  # type: ignore[attr-defined]
         filler = site.root / "operators-other-data"
@@ -165,7 +168,10 @@ def test_repository_full_during_unpack_retries_then_publishes_once_room_is_made(
     assert "transaction of 1 entries failed" in log and "published grp/fat" in log
 
 
-def test_repository_full_fails_the_entry_with_the_reason_after_max_attempts(tmp_path):
+def test_repository_full_fails_the_entry_with_the_reason_after_max_attempts(
+
+
+        tmp_path: Path) -> None:
     site = RepoOnTmpfs(tmp_path, "4m", max_attempts=2)
     with site.mounted(), site.watcher() as watcher:  # type: ignore[attr-defined]
         site.drop("grp/huge", 6 * MIB)

@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -80,7 +82,7 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     s = Site(tmp_path_factory.mktemp("hostile-input"))
     try:
         yield s
@@ -96,7 +98,10 @@ def body(answer: bytes) -> bytes:
     return answer.partition(b"\r\n\r\n")[2]
 
 
-def test_every_hostile_tarball_class_uploaded_over_https_ends_failed_with_its_reason(site):
+def test_every_hostile_tarball_class_uploaded_over_https_ends_failed_with_its_reason(
+
+
+        site: Site) -> None:
     made = site.dir / "made"
     made.mkdir()
     outside = site.dir.parent
@@ -185,7 +190,8 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_requests_get_a_clear_answer_and_the_server_keeps_serving(site, case):
+def test_malformed_requests_get_a_clear_answer_and_the_server_keeps_serving(
+        site: Site, case: str) -> None:
     request, status, text = MALFORMED[case]
     answer = site.api.raw(request, timeout=20)
     assert status_line(answer).startswith(status), (case, answer[:300])
@@ -194,7 +200,7 @@ def test_malformed_requests_get_a_clear_answer_and_the_server_keeps_serving(site
     wait_for(site.nothing_queued, 15, lambda: f"{case} left {os.listdir(site.spool.incoming)}")
 
 
-def test_not_tls_at_all_and_tls_garbage(site):
+def test_not_tls_at_all_and_tls_garbage(site: Site) -> None:
     import socket
 
     # plain HTTP and random bytes on the TLS port: the handshake fails, the connection closes
@@ -234,10 +240,10 @@ CRAFTED_CIDS = {
 
 
 @pytest.mark.parametrize("route", ["exists", "update", "status", "publish"])
-def test_crafted_cids_are_refused_with_their_reason(site, route):
+def test_crafted_cids_are_refused_with_their_reason(site: Site, route: str) -> None:
     for raw, reason in CRAFTED_CIDS.items():
         url = f"{site.api.base}/pubapi/{route}?cid={raw}"
-        kw = {"cert": site.api.cert, "verify": site.api.verify, "timeout": 30}
+        kw: dict[str, Any] = {"cert": site.api.cert, "verify": site.api.verify, "timeout": 30}
         r = requests.post(url, data=b"x" * 1000, **kw) if route == "publish" else \
             requests.get(url, **kw)
         assert (r.status_code, r.reason) == (400, "Bad request"), (raw, r.text)
@@ -246,7 +252,7 @@ def test_crafted_cids_are_refused_with_their_reason(site, route):
     site.alive()
 
 
-def test_percent_encoded_slash_is_a_name_not_a_group(site, tmp_path):
+def test_percent_encoded_slash_is_a_name_not_a_group(site: Site, tmp_path: Path) -> None:
     tarball = make_tarball(tmp_path / "t.tar.gz", {"f": b"1"})
     for cid in ("a%2Fb", "x%2F..%2F..%2Fy", "%2E%2Ex"):
         with tarball.open("rb") as fh:
@@ -258,7 +264,7 @@ def test_percent_encoded_slash_is_a_name_not_a_group(site, tmp_path):
 
 @pytest.mark.parametrize("cid", ["x" * 255, "!" * 120, "g/" + "~" * 253, "g/" + "=" * 200,
                                  "#" * 85 + "/" + "$" * 85])
-def test_longest_cids_publish_and_stamp(site, tmp_path, cid):
+def test_longest_cids_publish_and_stamp(site: Site, tmp_path: Path, cid: str) -> None:
     """Valid CIDs of every shape up to 255 characters, also those whose spool names (each
     special character percent-encoded) would be longer than a file name may be."""
     tarball = make_tarball(tmp_path / "t.tar.gz", {"f": cid.encode()})
@@ -277,7 +283,7 @@ def test_longest_cids_publish_and_stamp(site, tmp_path, cid):
     site.alive()
 
 
-def test_empty_short_and_long_bodies(site):
+def test_empty_short_and_long_bodies(site: Site) -> None:
     # an empty body is taken (the client's business) and fails with its reason
     answer = site.api.raw(b"POST /pubapi/publish?cid=g/empty HTTP/1.1\r\n" + H
                           + b"Content-Length: 0\r\n\r\n")
@@ -311,7 +317,7 @@ def test_empty_short_and_long_bodies(site):
     site.alive()
 
 
-def test_garbage_and_truncated_streams(site):
+def test_garbage_and_truncated_streams(site: Site) -> None:
     # all zeros is an empty archive (the end-of-archive marker first): published empty
     assert site.api.publish("g/zeros", bytes(100_000)).text == "OK\n"
     cases = {
@@ -337,7 +343,7 @@ def test_garbage_and_truncated_streams(site):
     site.alive()
 
 
-def test_after_all_that_a_normal_publish_works(site, tmp_path):
+def test_after_all_that_a_normal_publish_works(site: Site, tmp_path: Path) -> None:
     files = {"bin/run.sh": b"#!/bin/sh\necho ok\n", "lib/data.bin": os.urandom(300_000)}
     tarball = make_tarball(tmp_path / "code.tar.gz", files)
     cid = "fermilab/" + hashlib.sha256(tarball.read_bytes()).hexdigest()

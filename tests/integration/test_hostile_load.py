@@ -14,6 +14,8 @@ import contextlib
 import ssl
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,9 +33,13 @@ from tests.integration.test_hostile_support import Api, IngestDaemon
 from tests.pki import TestPKI, ingest_config
 
 MIB = 1 << 20
+SlowSite = tuple[Api, IngestDaemon, Spool]
 
 
-def test_50_concurrent_uploads_with_a_stream_of_exists(tmp_path, capsys):
+def test_50_concurrent_uploads_with_a_stream_of_exists(
+
+
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tarballs = make_tarballs(tmp_path / "tarballs", mixed_sizes(50, 0.05))  # 13 MB in all
     site = LoadSite(tmp_path, threads=32)
     try:
@@ -102,7 +108,7 @@ class SlowClient(threading.Thread):
 
 
 @pytest.fixture
-def slow_site(tmp_path):
+def slow_site(tmp_path: Path) -> Iterator[SlowSite]:
     pki = TestPKI(tmp_path / "pki")
     config = ingest_config(tmp_path / "site", pki, http=False, repos=1, threads=4,
                            socket_timeout=2.0)
@@ -120,7 +126,8 @@ def exists_takes(api: Api, timeout: float = 60) -> float:
 
 
 @pytest.mark.parametrize(("kind", "every"), [("stalled", None), ("trickling", 0.5)])
-def test_slow_clients_on_every_worker_do_not_stop_the_server(slow_site, kind, every):
+def test_slow_clients_on_every_worker_do_not_stop_the_server(
+        slow_site: SlowSite, kind: str, every: float | None) -> None:
     api, ingest, spool = slow_site
     clients = [SlowClient(api, f"grp/{kind}{i}", every) for i in range(4)]  # = threads
     for c in clients:
@@ -146,7 +153,7 @@ def test_slow_clients_on_every_worker_do_not_stop_the_server(slow_site, kind, ev
     assert ingest.proc.poll() is None
 
 
-def test_one_slow_client_does_not_delay_the_others(slow_site):
+def test_one_slow_client_does_not_delay_the_others(slow_site: SlowSite) -> None:
     api, ingest, spool = slow_site
     slow = [SlowClient(api, f"grp/slow{i}", every) for i, every in enumerate((None, 0.5, 0.5))]
     for c in slow:

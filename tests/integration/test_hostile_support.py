@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -98,7 +99,7 @@ class Api:
         assert r.status_code == 200, (r.status_code, r.text)
         return r.text
 
-    def publish(self, cid: str, data: object, timeout: float = 120) -> requests.Response:
+    def publish(self, cid: str, data: Any, timeout: float = 120) -> requests.Response:
         return requests.post(f"{self.base}/pubapi/publish", params={"cid": cid}, data=data,
                              cert=self.cert, verify=self.verify, timeout=timeout)
 
@@ -249,8 +250,8 @@ def leftovers(config: Config) -> list[str]:
     trash, and hidden temporary files in the published trees. Empty once all is clean."""
     spool = config.server.spool
     out = [f"spool/tmp/{n}" for n in sorted(os.listdir(spool / "tmp"))]
-    for repo in sorted(os.listdir(spool / "active")):
-        out += [f"spool/active/{repo}/{n}" for n in sorted(os.listdir(spool / "active" / repo))]
+    for name in sorted(os.listdir(spool / "active")):
+        out += [f"spool/active/{name}/{n}" for n in sorted(os.listdir(spool / "active" / name))]
     for repo in config.repositories:
         root = repo.root
         assert root is not None

@@ -40,12 +40,12 @@ longest_cids = st.one_of(
 
 
 @given(st.one_of(valid_cids, longest_cids))
-def test_valid_cids_are_valid(cid):
+def test_valid_cids_are_valid(cid: str) -> None:
     assert validate_cid(cid) == cid
 
 
 @given(st.one_of(valid_cids, longest_cids), st.sampled_from(list(Kind)))
-def test_spool_names_fit_in_a_file_name_and_are_never_ignored(cid, kind):
+def test_spool_names_fit_in_a_file_name_and_are_never_ignored(cid: str, kind: Kind) -> None:
     name = entry_name(cid, kind)
     assert len(name.encode()) <= NAME_MAX
     assert "/" not in name and "\0" not in name
@@ -54,7 +54,7 @@ def test_spool_names_fit_in_a_file_name_and_are_never_ignored(cid, kind):
 
 
 @given(st.one_of(valid_cids, longest_cids), st.sampled_from(list(Kind)))
-def test_spool_names_decode_to_their_cid_or_not_at_all(cid, kind):
+def test_spool_names_decode_to_their_cid_or_not_at_all(cid: str, kind: Kind) -> None:
     name = entry_name(cid, kind)
     try:
         assert parse_name(name) == (cid, kind)
@@ -64,14 +64,14 @@ def test_spool_names_decode_to_their_cid_or_not_at_all(cid, kind):
 
 @given(st.one_of(valid_cids, longest_cids), st.one_of(valid_cids, longest_cids),
        st.sampled_from(list(Kind)))
-def test_different_cids_never_share_a_spool_name(a, b, kind):
+def test_different_cids_never_share_a_spool_name(a: str, b: str, kind: Kind) -> None:
     assume(a != b)
     assert entry_name(a, kind) != entry_name(b, kind)
     assert entry_name(a, Kind.PUBLISH) != entry_name(b, Kind.STAMP)
 
 
 @given(st.one_of(valid_cids, longest_cids))
-def test_a_cid_names_a_directory_strictly_inside_the_cid_directory(cid):
+def test_a_cid_names_a_directory_strictly_inside_the_cid_directory(cid: str) -> None:
     base = "/cvmfs/repo/sw"
     path = os.path.normpath(os.path.join(base, cid))
     assert path.startswith(base + "/") and path != base
@@ -81,7 +81,7 @@ def test_a_cid_names_a_directory_strictly_inside_the_cid_directory(cid):
 
 @given(st.text(st.characters(codec="utf-8"), max_size=300) |
        st.binary(max_size=300).map(lambda b: b.decode("latin-1")))
-def test_whatever_a_query_string_decodes_to_is_refused_or_safe(raw):
+def test_whatever_a_query_string_decodes_to_is_refused_or_safe(raw: str) -> None:
     try:
         cid = validate_cid(raw)
     except InvalidCid as err:
@@ -93,7 +93,7 @@ def test_whatever_a_query_string_decodes_to_is_refused_or_safe(raw):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.one_of(valid_cids, longest_cids), min_size=1, max_size=6, unique=True))
-def test_every_valid_cid_goes_through_the_spool(cids):
+def test_every_valid_cid_goes_through_the_spool(cids: list[str]) -> None:
     """Queued, stamped, claimed, failed and seen by status(), on a real filesystem."""
     with tempfile.TemporaryDirectory() as tmp:
         spool = Spool(Path(tmp))

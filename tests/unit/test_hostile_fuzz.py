@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ pytest.importorskip("atheris", reason="the fuzz test needs atheris (pip install 
 
 
 @pytest.mark.slow
-def test_fuzzing_the_unpacker_finds_nothing(tmp_path):
+def test_fuzzing_the_unpacker_finds_nothing(tmp_path: Path) -> None:
     seconds = int(os.environ.get("USERPUB_FUZZ_SECONDS", "40"))
     artifacts = os.environ.get("USERPUB_FUZZ_ARTIFACTS", str(tmp_path / "findings"))
     proc = subprocess.run(
@@ -37,7 +38,10 @@ def test_fuzzing_the_unpacker_finds_nothing(tmp_path):
     assert int(runs.group(1)) >= 20 * seconds, f"only {runs.group(1)} inputs were tried"
 
 
-def test_the_fuzz_oracle_catches_what_it_must(tmp_path, monkeypatch):
+def test_the_fuzz_oracle_catches_what_it_must(
+
+
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The checks of each input fail on an unpacker that escapes or crashes."""
     from tests.fuzz import fuzz_unpack
     from tests.hostile import compress, reg, tar_bytes
@@ -48,14 +52,14 @@ def test_the_fuzz_oracle_catches_what_it_must(tmp_path, monkeypatch):
     assert not sandbox.dest.exists()
     assert fuzz_unpack.shape(b"\1" + bytes(600))[:600] == bytes(600)[:600]
 
-    def escaping(source, dest, limits):
+    def escaping(source: Path, dest: Path, limits: object) -> None:
         dest.mkdir()
         (dest.parent / "evil").write_text("x")
 
-    def crashing(source, dest, limits):
+    def crashing(source: Path, dest: Path, limits: object) -> None:
         raise ValueError("not an UnpackError")
 
-    def resolving_outside(source, dest, limits):
+    def resolving_outside(source: Path, dest: Path, limits: object) -> None:
         dest.mkdir()
         os.symlink("../sentinel/secret", dest / "link")
 

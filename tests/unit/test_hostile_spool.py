@@ -85,7 +85,7 @@ def dying_at(k: int) -> Iterator[_Dying]:
     dying = _Dying(k)
     saved = {name: getattr(queue, name) for name in
              ("os", "rename_noreplace", "fsync_dir", "remove_tree")}
-    queue.os = _DyingOs(os, dying)  # type: ignore[attr-defined]
+    setattr(queue, "os", _DyingOs(os, dying))  # noqa: B010 (a module's global)
     for name in ("rename_noreplace", "fsync_dir", "remove_tree"):
         setattr(queue, name, dying.wrap(saved[name], name))
     try:
@@ -229,7 +229,7 @@ TestCrashingSpoolMachine.settings = settings(max_examples=120, stateful_step_cou
 
 
 @pytest.mark.parametrize("k", range(12))
-def test_a_crash_while_failing_a_plain_file_entry_never_loses_it(tmp_path, k):
+def test_a_crash_while_failing_a_plain_file_entry_never_loses_it(tmp_path: Path, k: int) -> None:
     spool = Spool(tmp_path / "spool")
     spool.ensure_layout(("r1",))
     (spool.incoming / "ops%2Fplain.tar.gz").write_bytes(b"not a tarball")
