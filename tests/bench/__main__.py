@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("bench_publish", "bench_unpack", "bench_janitor", "bench_ingest")
+BENCHMARKS = ("bench_publish", "bench_unpack", "bench_janitor", "bench_ingest", "bench_load",
+              "bench_native")
 
 
 def main() -> int:
