@@ -61,6 +61,8 @@ def test_50_concurrent_uploads_with_a_stream_of_exists(
                   for r in site.config.repositories]
     spool = Spool(site.config.server.spool)
     try:
+        for p in publishers:  # a SIGTERM before a daemon's handlers are installed kills it
+            p.wait_log("publisher ready", timeout=60)
         wait_for(lambda: spool.depth().incoming == 0 and not any(spool.depth().active.values()),
                  120, publishers[0].log)
     finally:
