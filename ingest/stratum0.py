@@ -55,7 +55,8 @@ def make_stratum0_app(repositories: Mapping[str, Path], *, base: str = "/cvmfs")
         if method not in ("GET", "HEAD"):
             return _answer(start_response, "405 Method Not Allowed", b"method not allowed\n",
                            [("Allow", "GET, HEAD")])
-        path = environ.get("PATH_INFO", "")
+        # the full path, so that the app works alone or mounted below /cvmfs (SCRIPT_NAME)
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         if not path.startswith(prefix):
             return _not_found(start_response)
         repo, _, rest = path[len(prefix):].partition("/")

@@ -120,6 +120,20 @@ def test_userpub_verify_ls_and_cat_over_http(published):
         assert userpub("cat", url, "/sw/grp/abc/.publisher", "--key", key).stdout == b"alice\n"
 
 
+def test_mounted_below_cvmfs_with_script_name(published):
+    repo, _ = published
+    app = make_stratum0_app({FQRN: repo.root})
+    answers = []
+    body = app({"REQUEST_METHOD": "GET", "SCRIPT_NAME": "/cvmfs",
+                "PATH_INFO": f"/{FQRN}/.cvmfswhitelist"},
+               lambda status, headers: answers.append(status))
+    try:
+        assert answers == ["200 OK"]
+        assert b"".join(body) == (repo.root / ".cvmfswhitelist").read_bytes()
+    finally:
+        getattr(body, "close", lambda: None)()
+
+
 def test_repositories_of_a_configuration(tmp_path):
     from tests.helpers import write_config
     from userpub.config import load_config
