@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from ingest.app import make_app, make_plain_app
 from ingest.auth import CHAIN_PREFIX, Authenticator
 from ingest.connection import connection_class
+from ingest.stratum0 import with_stratum0
 from metrics import IngestMetrics
 from publisher.catalog import Catalog
 from spool import Spool
@@ -217,8 +218,10 @@ class IngestServer:
         https.ssl_adapter = self.adapter
         self.servers.append(("https", https))
         if self.cfg.http_listen:
-            plain = self._server(split_address(self.cfg.http_listen),
-                                 make_plain_app(self.config, self.metrics, self.registry), 4,
+            # ping, config and /metrics; and the cvmfs-native repositories hosted here
+            plain_app = with_stratum0(make_plain_app(self.config, self.metrics, self.registry),
+                                      self.config)
+            plain = self._server(split_address(self.cfg.http_listen), plain_app, 4,
                                  PLAIN_MAX_BODY)
             self.servers.append(("http", plain))
         try:

@@ -144,3 +144,21 @@ def _info(roots: Mapping[str, Path], which: str) -> bytes:
             "os_pretty_name": "Linux",
             "repositories": [{"name": n, "url": f"/cvmfs/{n}"} for n in names], "replicas": []}
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def with_stratum0(app: WsgiApp, config: Config) -> WsgiApp:
+    """``app``, plus the cvmfs-native repositories hosted here served below ``/cvmfs/``.
+
+    Returns ``app`` itself when this server hosts no cvmfs-native repository.
+    """
+    repositories = stratum0_repositories(config)
+    if not repositories:
+        return app
+    stratum0 = make_stratum0_app(repositories)
+
+    def dispatch(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = str(environ.get("PATH_INFO", ""))
+        chosen = stratum0 if path == "/cvmfs" or path.startswith("/cvmfs/") else app
+        return chosen(environ, start_response)
+
+    return dispatch
