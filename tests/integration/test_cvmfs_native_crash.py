@@ -97,7 +97,7 @@ def test_kill_minus_nine_at_random_points_of_publishing(tmp_path):
         wait_for(lambda: all(reader.contains(c) for c in dropped), 180, pub.log)
     finally:
         assert pub.stop() == 0
-    assert check(root, key) > last
+    assert check(root, key) >= last  # equal when the last kill came after its publish
     leftovers = list((root / "data" / "txn").iterdir())
     assert leftovers == []
 
