@@ -2,7 +2,7 @@
 
 ``run_ingest`` (:mod:`ingest.server`) is what ``userpub ingest`` runs; ``make_app``
 (:mod:`ingest.app`) is the Bottle application; :mod:`ingest.auth` decides who is calling;
-:mod:`ingest.devpki` makes development certificates and tokens.
+:mod:`devsite.pki` makes development certificates and tokens.
 """
 
 __all__: list[str] = []

@@ -25,10 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from ingest.auth import Authenticator, AuthError, Identity
 from ingest.connection import TOO_LARGE
 from metrics import IngestMetrics
-from publisher.catalog import Catalog
+from publisher.repositories.catalog import Catalog
 from spool import DropResult, Spool, State
-from userpub.cid import InvalidCid, validate_cid
 from userpub.config import Config
+from userpub_client.cid import InvalidCid, validate_cid
 
 __all__ = ["ApiApp", "WriteBehind", "bad_request", "make_app", "make_plain_app", "reply"]
 
@@ -38,7 +38,7 @@ CHUNK = 1 << 20
 SPACE_CHECK_BYTES = 64 << 20
 TEXT_HEADERS = {"Content-Type": "text/plain", "Cache-Control": "max-age=0"}
 # Keys of per-request facts kept in the WSGI environ for the access log and the metrics.
-ROUTE, IDENTITY, CID, RECEIVED = ("userpub.route", "userpub.identity", "userpub.cid",
+ROUTE, IDENTITY, CID, RECEIVED = ("userpub.route", "userpub.identity", "userpub_client.cid",
                                   "userpub.received")
 
 StartResponse = Callable[..., Any]

@@ -31,18 +31,24 @@ from ingest.auth import CHAIN_PREFIX, Authenticator
 from ingest.connection import connection_class
 from ingest.stratum0 import with_stratum0
 from metrics import IngestMetrics
-from publisher.catalog import Catalog
+from publisher.repositories.catalog import Catalog
 from spool import Spool
 from userpub.config import Config, IngestConfig, split_address
-from userpub.daemon import Fatal, Waker
+from userpub.daemon import Waker
+from userpub.errors import ServiceError
 
-__all__ = ["Bound", "GridSSLAdapter", "IngestServer", "build_context", "run_ingest",
+__all__ = ["Bound", "GridSSLAdapter", "IngestError", "IngestServer", "build_context", "run_ingest",
            "verified_chain", "write_ready_file"]
 
 log = logging.getLogger("userpub.ingest")
 
 PLAIN_MAX_BODY = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+
+
+
+class IngestError(ServiceError):
+    """The ingest cannot start with this setup (certificates, ports, spool, grid-mapfile)."""
 
 
 # -- TLS --------------------------------------------------------------------------------------
@@ -64,16 +70,16 @@ def build_context(cfg: IngestConfig) -> ssl.SSLContext:
         ctx.load_cert_chain(str(cfg.certificate), str(cfg.key))
     except OSError as err:  # FileNotFoundError, PermissionError, ssl.SSLError
         reason = re.sub(r"^\[[^]]*\] | \(_ssl\.c:\d+\)$", "", err.strerror or str(err))
-        raise Fatal(f"cannot load host certificate {cfg.certificate} with key {cfg.key}: "
+        raise IngestError(f"cannot load host certificate {cfg.certificate} with key {cfg.key}: "
                     f"{reason}") from None
     if not cfg.ca_dir.is_dir():
-        raise Fatal(f"ca_dir {cfg.ca_dir}: not a directory")
+        raise IngestError(f"ca_dir {cfg.ca_dir}: not a directory")
     ctx.load_verify_locations(capath=str(cfg.ca_dir))
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
     if cfg.crl_check:
         if not any(cfg.ca_dir.glob("*.r[0-9]")):
-            raise Fatal(f"crl_check is on but {cfg.ca_dir} holds no CRL (<hash>.r0)")
+            raise IngestError(f"crl_check is on but {cfg.ca_dir} holds no CRL (<hash>.r0)")
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     return ctx
 
@@ -146,19 +152,19 @@ def _join(address: tuple[str, int]) -> str:
 
 
 def _check_bindable(address: tuple[str, int], label: str) -> None:
-    """A one-line Fatal if ``address`` cannot be bound (cheroot's own message is long)."""
+    """A one-line IngestError if ``address`` cannot be bound (cheroot's own message is long)."""
     try:
         infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise Fatal(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
+        raise IngestError(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError as err:
-            raise Fatal(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
+            raise IngestError(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
 
 
 class IngestServer:
@@ -168,7 +174,7 @@ class IngestServer:
                  metrics: IngestMetrics | None = None,
                  authenticator: Authenticator | None = None) -> None:
         if config.ingest is None:
-            raise Fatal(f"{config.path}: no [ingest] section")
+            raise IngestError(f"{config.path}: no [ingest] section")
         self.config = config
         self.cfg: IngestConfig = config.ingest
         self.registry = registry
@@ -196,12 +202,12 @@ class IngestServer:
             self.metrics.auth_failures.labels("bad_certificate").inc()
 
     def start(self) -> Bound:
-        """Check everything, bind, and serve in background threads; Fatal on any problem."""
+        """Check everything, bind, and serve in background threads; IngestError on any problem."""
         spool = Spool(self.config.server.spool)
         try:
             spool.ensure_layout()
         except OSError as err:
-            raise Fatal(f"spool {spool.root}: {err.strerror}") from None
+            raise IngestError(f"spool {spool.root}: {err.strerror}") from None
         try:
             entries = self.authenticator.gridmap.load()
             log.info("grid-mapfile %s: %d entries", self.cfg.grid_mapfile, entries)
@@ -209,7 +215,7 @@ class IngestServer:
             log.warning("grid-mapfile %s not found: no certificate is authorized until it "
                         "exists", self.cfg.grid_mapfile)
         except OSError as err:
-            raise Fatal(f"grid-mapfile {self.cfg.grid_mapfile}: {err.strerror}") from None
+            raise IngestError(f"grid-mapfile {self.cfg.grid_mapfile}: {err.strerror}") from None
         self.adapter = GridSSLAdapter(self.cfg)
         catalog = Catalog.from_config(self.config)
         app = make_app(self.config, spool, catalog, self.metrics, self.authenticator)
@@ -230,7 +236,7 @@ class IngestServer:
                 try:
                     srv.prepare()
                 except OSError as err:
-                    raise Fatal(f"cannot listen on {label} {_join(srv.bind_addr)}: "
+                    raise IngestError(f"cannot listen on {label} {_join(srv.bind_addr)}: "
                                 f"{_last_error(str(err))}") from None
         except BaseException:
             self.stop()
@@ -270,7 +276,7 @@ class IngestServer:
             return
         try:
             self.adapter.context = build_context(self.cfg)
-        except Fatal as err:
+        except IngestError as err:
             log.error("keeping the previous TLS context: %s", err)
             return
         log.info("TLS context reloaded")
@@ -306,7 +312,7 @@ def write_ready_file(path: Path, bound: Bound) -> None:
 
 def run_ingest(config: Config, waker: Waker, registry: CollectorRegistry, *,
                ready_file: Path | None = None) -> None:
-    """Serve the API until ``waker`` is stopped; Fatal (one line) on startup problems.
+    """Serve the API until ``waker`` is stopped; IngestError (one line) on startup problems.
 
     On stop, the listeners close at once and requests in flight get up to ``socket_timeout``
     seconds to finish. ``ready_file`` receives ``{"https": "host:port", "http": ..., "pid":

@@ -1,7 +1,7 @@
 """One cleanup of one repository: judge, re-check, remove in one transaction, collect garbage.
 
 A CID expires when the newest of its publish time and all its stamps, across **all** configured
-repositories (:meth:`publisher.catalog.Catalog.last_access`), is older than ``max_days`` before
+repositories (:meth:`publisher.repositories.catalog.Catalog.last_access`), is older than ``max_days`` before
 ``as_of``. A stamp whose CID is in no repository any more goes too.
 
 Locking and safety (:func:`clean`):
@@ -56,8 +56,6 @@ from janitor.spoolclean import (
     remove_failed,
     stale_tmp,
 )
-from publisher.catalog import Catalog
-from publisher.locks import transaction_lock_path
 from publisher.repositories import (
     LocalRepository,
     Repository,
@@ -65,10 +63,12 @@ from publisher.repositories import (
     open_reader,
     open_repository,
 )
+from publisher.repositories.catalog import Catalog
 from publisher.repositories.tree import TreeReader
 from spool import Spool
-from spool.fsutil import syncfs
 from userpub.config import Config
+from userpub.fsutil import syncfs
+from userpub.locks import transaction_lock_path
 
 log = logging.getLogger("userpub.janitor")
 

@@ -27,11 +27,12 @@ from janitor.rota import due_repositories, plan, seconds_until_next
 from janitor.state import RunRecord, StateStore
 from metrics import JanitorMetrics
 from userpub.config import Config
-from userpub.daemon import Fatal, Waker
+from userpub.daemon import Waker
+from userpub.errors import ServiceError
 
 log = logging.getLogger("userpub.janitor")
 
-__all__ = ["Janitor", "parse_time", "record_result", "run_dry", "run_now", "state_store"]
+__all__ = ["Janitor", "JanitorError", "parse_time", "record_result", "run_dry", "run_now", "state_store"]
 
 CleanFn = Callable[..., CleanupResult]
 
@@ -63,6 +64,10 @@ def record_result(metrics: JanitorMetrics, store: StateStore | None, result: Cle
              result.lock_seconds)
 
 
+class JanitorError(ServiceError):
+    """The janitor cannot run as asked (no repository hosted here, a bad --as-of, ...)."""
+
+
 class Janitor:
     """The rota daemon (see :mod:`userpub.daemon`)."""
 
@@ -87,7 +92,7 @@ class Janitor:
     def initialize(self) -> None:
         """Check there is work, load the records and log the rota."""
         if not self.hosted:
-            raise Fatal(f"this server ({self.config.server.name}) hosts no repository to clean")
+            raise JanitorError(f"this server ({self.config.server.name}) hosts no repository to clean")
         self.store.directory.mkdir(parents=True, exist_ok=True)
         records = [r for r in map(self.store.load, self.hosted) if r is not None]
         for record in records:
@@ -139,11 +144,11 @@ class Janitor:
 
 
 def parse_time(text: str) -> float:
-    """An ISO 8601 time (local time when no offset is given) as a Unix time; Fatal if bad."""
+    """An ISO 8601 time (local time when no offset is given) as a Unix time; JanitorError if bad."""
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise Fatal(f"--as-of {text!r} is not an ISO 8601 time (e.g. 2026-12-01T03:00)") from None
+        raise JanitorError(f"--as-of {text!r} is not an ISO 8601 time (e.g. 2026-12-01T03:00)") from None
     return when.timestamp() if when.tzinfo else when.astimezone().timestamp()
 
 
@@ -151,14 +156,14 @@ def _names(config: Config, repo: str | None, *, hosted_only: bool) -> list[str]:
     if repo is None:
         names = [r.name for r in config.hosted]
         if not names:
-            raise Fatal(f"this server ({config.server.name}) hosts no repository")
+            raise JanitorError(f"this server ({config.server.name}) hosts no repository")
         return names
     try:
         cfg = config.repository(repo)
     except KeyError:
-        raise Fatal(f"repository {repo!r} is not configured") from None
+        raise JanitorError(f"repository {repo!r} is not configured") from None
     if hosted_only and not cfg.is_hosted_on(config.server.name):
-        raise Fatal(f"repository {repo} is published by {cfg.host}, "
+        raise JanitorError(f"repository {repo} is published by {cfg.host}, "
                     f"not by this server ({config.server.name})")
     return [repo]
 
@@ -169,7 +174,7 @@ def run_dry(config: Config, repo: str | None, as_of: float | None, out: TextIO) 
         try:
             lines = format_preview(preview(config, name, as_of=as_of, include_spool=i == 0))
         except CleanupError as err:
-            raise Fatal(str(err)) from None
+            raise JanitorError(str(err)) from None
         print("\n".join(lines), file=out, flush=True)
     return 0
 
@@ -181,7 +186,7 @@ def run_now(config: Config, repo: str | None, as_of: float | None, metrics: Jani
     A completed cleanup counts as the repository's run of the rota day (unless ``as_of``).
     """
     if as_of is not None and as_of > clock() + 60:
-        raise Fatal("--as-of lies in the future: a real cleanup never judges ahead of time; "
+        raise JanitorError("--as-of lies in the future: a real cleanup never judges ahead of time; "
                     "use it with --dry-run")
     store = state_store(config)
     status = 0

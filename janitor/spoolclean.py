@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spool import Kind, Spool, entry_name
-from spool.fsutil import remove_tree, rename_noreplace
-from spool.queue import REASON, unique_id
-from userpub.cid import TAR_SUFFIXES, is_ignored_name
+from spool.names import TAR_SUFFIXES, is_ignored_name
+from spool.queue import REASON
+from userpub.fsutil import remove_tree, rename_noreplace, unique_id
 
 log = logging.getLogger("userpub.janitor")
 

@@ -13,8 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spool.fsutil import fsync_dir
-from spool.queue import unique_id
+from userpub.fsutil import fsync_dir, unique_id
 
 log = logging.getLogger("userpub.janitor")
 

@@ -21,20 +21,25 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from metrics import PublisherMetrics
-from publisher.catalog import Catalog
-from publisher.locks import lock_path, transaction_lock_path
 from publisher.repositories import Repository, RepositoryError
-from publisher.unpack import UnpackError, UnpackLimits, UnpackStats
+from publisher.repositories.catalog import Catalog
+from publisher.tarball.unpack import UnpackError, UnpackLimits, UnpackStats
 from spool import BadEntry, Entry, Kind, Spool
-from userpub.cid import is_ignored_name
+from spool.names import is_ignored_name
 from userpub.config import Config, RepositoryConfig
-from userpub.daemon import Fatal, Waker
+from userpub.daemon import Waker
+from userpub.errors import ServiceError
+from userpub.locks import lock_path, transaction_lock_path
 
 log = logging.getLogger("userpub.publisher")
 
 # Why entries fail (the ``reason`` label): a bad or hostile tarball, an unreadable spool
 # entry, or a backend that kept failing until max_attempts.
 FAILURE_REASONS = ("invalid_tarball", "bad_entry", "backend")
+
+
+class PublisherError(ServiceError):
+    """The publisher cannot start: its repository cannot be opened or recovered."""
 
 
 class _Wakeup(FileSystemEventHandler):
@@ -121,7 +126,7 @@ class Publisher:
             try:
                 self.repository.recover()
             except RepositoryError as err:
-                raise Fatal(f"{self.repo.name}: cannot recover the repository: {err}") from None
+                raise PublisherError(f"{self.repo.name}: cannot recover the repository: {err}") from None
             returned = self.spool.recover(self.repo.name)
         if returned:
             log.warning("%s: returned %d claimed entries to incoming/", self.repo.name, returned)

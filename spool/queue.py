@@ -7,7 +7,7 @@
       -> active/<repo>/<name> claimed by the publisher holding <repo>'s lock
       -> removed after publish, or -> failed/<name>/ with reason.json
 
-``<name>`` is the percent-encoded CID (see :mod:`userpub.cid`), plus ``@stamp`` for access
+``<name>`` is the percent-encoded CID (see :mod:`userpub_client.cid`), plus ``@stamp`` for access
 stamps. Because a name is derived from the CID, the same CID can be waiting only once: a
 second drop finds the name taken (rename without replace) and is answered as a duplicate.
 An operator may also move a plain tarball into ``incoming/``, named by its encoded CID and
@@ -18,32 +18,23 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import itertools
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from spool.fsutil import fsync_dir, remove_tree, rename_noreplace
-from userpub.cid import (
-    InvalidCid,
-    decode_name,
-    encode_name,
-    is_ignored_name,
-    split_tar_suffix,
-    validate_cid,
-)
+from spool.names import decode_name, encode_name, is_ignored_name, split_tar_suffix
+from userpub.fsutil import fsync_dir, remove_tree, rename_noreplace, unique_id
+from userpub_client.cid import InvalidCid, validate_cid
 
 STAMP_SUFFIX = "@stamp"
 NAME_MAX = 255  # bytes in one file name (Linux filesystems)
 PAYLOAD = "payload"
 META = "meta.json"
 REASON = "reason.json"
-_counter = itertools.count()
 
 
 class Kind(enum.StrEnum):
@@ -140,11 +131,6 @@ def parse_name(name: str) -> tuple[str, Kind]:
         return decode_name(name), kind
     except InvalidCid as err:
         raise BadEntry(f"spool name {name!r}: {err}") from None
-
-
-def unique_id() -> str:
-    """A collision-free name for tmp/: time, pid, counter and host."""
-    return f"{time.time_ns()}.P{os.getpid()}Q{next(_counter)}.{socket.gethostname()}"
 
 
 class Spool:

@@ -1,4 +1,4 @@
-"""Test wrappers for ingest: a PKI from ``ingest.devpki``, configurations, running servers.
+"""Test wrappers for ingest: a PKI from ``devsite.pki``, configurations, running servers.
 
 * :class:`TestPKI` -- a trusted CA (grid layout, CRL), an untrusted one, host and user
   credentials and every kind of proxy, written to files the way clients use them.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from ingest.devpki import (
+from devsite.pki import (
     CertificateAuthority,
     Credential,
     TokenIssuer,

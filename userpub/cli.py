@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from userpub import __version__
-from userpub.cid import InvalidCid, validate_cid
 from userpub.config import Config, ConfigError, load_config, resolve_config_path
-from userpub.daemon import Fatal, Waker, install_signal_handlers, run_daemon
+from userpub.daemon import Waker, install_signal_handlers, run_daemon
+from userpub.errors import Fatal, ServiceError
+from userpub_client.cid import InvalidCid, validate_cid
 
 log = logging.getLogger("userpub")
 
@@ -34,9 +35,9 @@ def cmd_publisher(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from metrics import PublisherMetrics, SpoolCollector, serve_metrics, write_textfile
-    from publisher.catalog import Catalog
     from publisher.daemon import Publisher
     from publisher.repositories import open_repository
+    from publisher.repositories.catalog import Catalog
     from spool import Spool
 
     config = _config(args)
@@ -166,7 +167,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING."""
-    from publisher.catalog import Catalog
+    from publisher.repositories.catalog import Catalog
     from spool import Spool, State
 
     config = _config(args)
@@ -195,7 +196,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_metrics_targets(args: argparse.Namespace) -> int:
     """Print this host's Prometheus scrape targets."""
-    from userpub.targets import file_sd_json, scrape_targets
+    from metrics.targets import file_sd_json, scrape_targets
 
     targets = scrape_targets(_config(args))
     if args.json:
@@ -208,42 +209,9 @@ def cmd_metrics_targets(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Write an example site for this host; print what a client needs as export lines."""
-    import socket
+    from devsite.site import write_example_site
 
-    from ingest.devpki import write_dev_site
-    from userpub import init
-    from userpub.reproducible_tar import make_tarball
-
-    directory = Path(args.directory).resolve()
-    config_path = directory / "userpub.toml"
-    env_file = directory / "env.sh"
-    if config_path.exists():
-        if not env_file.exists():
-            raise Fatal(f"{config_path} exists (not written by userpub init); not touching it")
-        for line in env_file.read_text().splitlines():
-            if line.startswith("export "):
-                print(line)
-        return 0
-    directory.mkdir(parents=True, exist_ok=True)
-    ports = init.free_ports()
-    site = write_dev_site(directory / "pki", init.DEV_ISSUER, init.https_url(ports))
-    creds = init.Credentials(site.pki.ca_dir, site.pki.ca_file, site.pki.host_cert,
-                             site.pki.host_key, site.pki.grid_mapfile, site.pki.user_proxy,
-                             site.token_file, site.issuer_jwks)
-    server = socket.gethostname().split(".")[0] or "pub1"
-    config_path.write_text(init.example_config_text(directory, server, ports, creds))
-    sample_dir = directory / "sample" / "demo-code"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    (sample_dir / "run.sh").write_text("#!/bin/sh\necho 'hello from cvmfs-userpub'\n")
-    (sample_dir / "run.sh").chmod(0o755)
-    (sample_dir / "README").write_text("A sample of user code published by cvmfs-userpub.\n")
-    sample = directory / "sample.tar.gz"
-    make_tarball(sample_dir, sample)
-    exports = "\n".join(init.client_exports(config_path, ports, creds)) + "\n"
-    env_file.write_text("# cvmfs-userpub example site: what a client on this host needs\n"
-                        + exports)
-    (directory / "QUICKSTART.txt").write_text(init.quickstart_text(directory, ports, sample))
-    print(exports, end="")
+    print("\n".join(write_example_site(Path(args.directory).resolve())))
     return 0
 
 
@@ -260,51 +228,60 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     """Talk to the ingest servers as a grid user (publish, exists, update, status, config)."""
-    from userpub.client_cli import run_client
+    from userpub_client.cli import run_client
 
     return run_client(args)
 
 
 def cmd_cid(args: argparse.Namespace) -> int:
     """Print the CID of a tarball."""
-    from userpub.client_cli import run_cid
+    from userpub_client.cli import run_cid
 
     return run_cid(args)
 
 
 def cmd_tar(args: argparse.Namespace) -> int:
     """Make a reproducible tarball of a directory."""
-    from userpub.client_cli import run_tar
+    from userpub_client.cli import run_tar
 
     return run_tar(args)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     """Wait on a worker node until a CID is visible under /cvmfs."""
-    from userpub.client_cli import run_wait
+    from userpub_client.cli import run_wait
 
     return run_wait(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify a CVMFS repository (URL or directory) against the storage-format specification."""
-    from publisher.cvmfs_verify.commands import run_verify
+    from cvmfs_verify.commands import CommandError, run_verify
 
-    return run_verify(args)
+    try:
+        return run_verify(args)
+    except CommandError as err:
+        raise Fatal(str(err)) from None
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List a directory of a CVMFS repository, read as a client does."""
-    from publisher.cvmfs_verify.commands import run_ls
+    from cvmfs_verify.commands import CommandError, run_ls
 
-    return run_ls(args)
+    try:
+        return run_ls(args)
+    except CommandError as err:
+        raise Fatal(str(err)) from None
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
     """Print a file of a CVMFS repository, read as a client does."""
-    from publisher.cvmfs_verify.commands import run_cat
+    from cvmfs_verify.commands import CommandError, run_cat
 
-    return run_cat(args)
+    try:
+        return run_cat(args)
+    except CommandError as err:
+        raise Fatal(str(err)) from None
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -372,13 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="file-based service discovery JSON")
     p = add("init", cmd_init, "write an example configuration (for trying things out)")
     p.add_argument("directory")
-    from userpub import client_cli
+    from userpub_client import cli as client_cli
 
     client_cli.add_client_parser(add("client", cmd_client, "grid user's client of the servers"))
     client_cli.add_cid_parser(add("cid", cmd_cid, "print a tarball's CID (GROUP/<sha256>)"))
     client_cli.add_tar_parser(add("tar", cmd_tar, "make a reproducible tarball of a directory"))
     client_cli.add_wait_parser(add("wait", cmd_wait, "wait until a CID is visible under /cvmfs"))
-    from publisher.cvmfs_verify import commands as cvmfs_commands
+    from cvmfs_verify import commands as cvmfs_commands
 
     cvmfs_commands.add_verify_arguments(add("verify", cmd_verify, "verify a CVMFS repository"))
     cvmfs_commands.add_ls_arguments(add("ls", cmd_ls, "list a directory of a CVMFS repository"))
@@ -399,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(f"fatal: {problem}", file=sys.stderr)
         return 1
-    except (Fatal, InvalidCid) as err:
+    except (Fatal, ServiceError, InvalidCid) as err:
         print(f"fatal: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,10 +16,6 @@ from types import FrameType
 from typing import Protocol
 
 
-class Fatal(Exception):  # noqa: N818 (reads as "fatal: <message>", as operators see it)
-    """A startup problem: the CLI prints ``fatal: <message>`` and exits 1, no traceback."""
-
-
 class Waker:
     """A stop flag and a wake-up flag that one wait can watch together."""
 
@@ -59,7 +55,7 @@ class Daemon(Protocol):
     name: str
 
     def initialize(self) -> None:
-        """Acquire resources and recover from a previous crash; raise Fatal if impossible."""
+        """Acquire resources and recover from a previous crash; raise a ServiceError if impossible."""
 
     def run_once(self, now: float) -> float:
         """Do one pass of work; return the longest sleep wanted before the next pass."""

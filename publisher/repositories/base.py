@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from publisher.unpack import UnpackLimits, UnpackStats
+from publisher.tarball.unpack import UnpackLimits, UnpackStats
+from userpub.errors import ServiceError
 
 
-class RepositoryError(Exception):
+class RepositoryError(ServiceError):
     """The backend failed for reasons that are not the tarball's fault (disk, cvmfs_server...).
 
     Entries caught in such a failure are retried, not failed.

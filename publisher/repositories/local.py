@@ -21,9 +21,8 @@ from pathlib import Path
 
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
-from publisher.unpack import UnpackLimits, UnpackStats, unpack
-from spool.fsutil import fsync_dir, remove_tree, rename_noreplace, syncfs, tree_size
-from spool.queue import unique_id
+from publisher.tarball.unpack import UnpackLimits, UnpackStats, unpack
+from userpub.fsutil import fsync_dir, remove_tree, rename_noreplace, syncfs, tree_size, unique_id
 
 log = logging.getLogger("userpub.repository.local")
 

@@ -10,8 +10,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from spool.fsutil import tree_size
-from userpub.cid import is_valid_cid
+from userpub.fsutil import tree_size
+from userpub_client.cid import is_valid_cid
 
 PUBLISHER_RECORD = ".publisher"
 CATALOG_MARKER = ".cvmfscatalog"

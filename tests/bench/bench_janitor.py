@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from janitor.cleanup import clean
-from spool.fsutil import remove_tree, syncfs
 from tests.helpers import REPO_ROOT, write_config
 from userpub.config import Config, load_config
+from userpub.fsutil import remove_tree, syncfs
 
 DAY = 86400.0
 REPO1, REPO2 = "repo1.example.org", "repo2.example.org"

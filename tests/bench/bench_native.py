@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 from publisher.repositories.cvmfs_native import NativeReader
-from spool.fsutil import remove_tree
+from spool.names import encode_name
 from tests.bench.corpus import make_corpus, make_tarballs
 from tests.helpers import Daemon, run_userpub, write_config
-from userpub.cid import encode_name
 from userpub.config import load_config
+from userpub.fsutil import remove_tree
 
 REPO = "repo1.example.org"
 

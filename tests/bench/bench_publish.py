@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from spool.fsutil import remove_tree
+from spool.names import encode_name
 from tests.bench.corpus import make_corpus, make_tarballs
 from tests.helpers import Daemon, make_tarball, wait_for, write_config
-from userpub.cid import encode_name
 from userpub.config import load_config
+from userpub.fsutil import remove_tree
 
 REPO = "repo1.example.org"
 

@@ -1,4 +1,4 @@
-"""Benchmark ``publisher.unpack.unpack`` against GNU tar on the mixed corpus.
+"""Benchmark ``publisher.tarball.unpack.unpack`` against GNU tar on the mixed corpus.
 
     python -m tests.bench.bench_unpack [--scale S] [--runs N] [--cache DIR] [--formats gzip,bzip2]
 
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from publisher.unpack import unpack
+from publisher.tarball.unpack import unpack
 from tests.bench.corpus import make_corpus, make_tarballs
 
 _TAR_FLAG = {"gzip": "-xzf", "bzip2": "-xjf", "xz": "-xJf", "none": "-xf"}

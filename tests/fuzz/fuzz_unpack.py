@@ -1,10 +1,10 @@
-"""Coverage-guided fuzzing of the tar unpacker (:func:`publisher.unpack.unpack`) with atheris.
+"""Coverage-guided fuzzing of the tar unpacker (:func:`publisher.tarball.unpack.unpack`) with atheris.
 
 Each input is written to a file and unpacked into a fresh directory ``<root>/l1/l2/dest``,
 next to ``<root>/l1/l2/sentinel/secret``. An input is a finding (the fuzzer stops, saves it
 under ``--artifacts`` and exits non-zero) when the unpacker:
 
-* raises anything but :class:`publisher.unpack.UnpackError`;
+* raises anything but :class:`publisher.tarball.unpack.UnpackError`;
 * changes anything outside ``dest`` under ``<root>`` (new, removed or modified entries, the
   sentinel's content, mode, mtime or link count);
 * succeeds and leaves in ``dest`` a symlink resolving outside it, a set-id bit, or anything
@@ -16,8 +16,8 @@ detection, decompressors, the tar parser), or as a tar stream whose 512-byte blo
 header checksums, then uncompressed, gzipped or xz-compressed -- so that mutations reach the
 header fields instead of dying at the checksum. The seed corpus is every class of
 ``tests/hostile.py`` (as they are, and their tar streams) plus valid tarballs in every
-compression; the instrumented modules are ``publisher.unpack``, ``publisher.tarstream`` and
-``publisher.decompress``.
+compression; the instrumented modules are ``publisher.tarball.unpack``, ``publisher.tarball.stream`` and
+``publisher.tarball.decompress``.
 
     python -m tests.fuzz.fuzz_unpack --seconds 60 [--artifacts DIR] [--corpus DIR]
                                      [--max-len 65536] [-- libFuzzer options]
@@ -43,9 +43,9 @@ import atheris
 
 from tests.hostile import HOSTILE_CASES, compress, dir_, hard, reg, sym, tar_bytes
 
-with atheris.instrument_imports(include=["publisher.unpack", "publisher.tarstream",
-                                         "publisher.decompress"]):
-    from publisher.unpack import UnpackError, UnpackLimits, unpack
+with atheris.instrument_imports(include=["publisher.tarball.unpack", "publisher.tarball.stream",
+                                         "publisher.tarball.decompress"]):
+    from publisher.tarball.unpack import UnpackError, UnpackLimits, unpack
 
 LIMITS = UnpackLimits(max_members=300, max_bytes=8 << 20)
 SECRET = b"the sentinel must never change\n"

@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import REPO_ROOT, Daemon, make_tarball
 from tests.pki import TestPKI, TokenIssuerServer, ingest_config, running_ingest
-from userpub.reproducible_tar import make_tarball as reproducible_tarball
+from userpub_client.reproducible_tar import make_tarball as reproducible_tarball
 
 AUD = "https://pub1.example.org"
 REPOS = ("repo1.example.org", "repo2.example.org")

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from publisher.catalog import Catalog
 from publisher.repositories import CvmfsServerRepository, RepositoryError, open_reader
-from publisher.unpack import UnpackError, UnpackLimits
+from publisher.repositories.catalog import Catalog
+from publisher.tarball.unpack import UnpackError, UnpackLimits
 from tests.helpers import make_tarball, tree_listing, write_config
 from userpub.config import load_config
 

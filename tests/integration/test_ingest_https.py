@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ingest.devpki import make_proxy
+from devsite.pki import make_proxy
 from spool import Spool
 from tests.helpers import wait_for
 from tests.pki import STRANGER_DN, TestPKI, ingest_config, running_ingest

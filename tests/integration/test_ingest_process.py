@@ -20,10 +20,9 @@ import pytest
 import requests
 from prometheus_client import CollectorRegistry
 
-from ingest.server import IngestServer
+from ingest.server import IngestError, IngestServer
 from tests.helpers import REPO_ROOT, Daemon, make_tarball, wait_for
 from tests.pki import IngestProcess, TestPKI, ingest_argv, ingest_config
-from userpub.daemon import Fatal
 
 GIB = 1 << 30
 
@@ -160,7 +159,7 @@ def test_startup_problems_are_one_fatal_line(tmp_path, pki):
     ]
     for n, (change, message) in enumerate(cases):
         config = ingest_config(tmp_path / f"case{n}", pki, **change)
-        with pytest.raises(Fatal) as err:
+        with pytest.raises(IngestError) as err:
             IngestServer(config, CollectorRegistry()).start()
         assert message in str(err.value) and "\n" not in str(err.value)
 

@@ -14,9 +14,9 @@ import time
 import pytest
 from filelock import FileLock, Timeout
 
-from publisher.locks import transaction_lock_path
 from tests.helpers import Daemon, make_tarball, run_userpub, wait_for
 from tests.integration.test_janitor_support import REPO1, REPO2, Site
+from userpub.locks import transaction_lock_path
 
 
 def test_other_repository_publishes_while_a_cleanup_holds_this_repositorys_lock(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from spool import Spool
+from spool.names import encode_name
 from tests.helpers import Daemon, make_tarball, run_userpub, tree_listing, wait_for, write_config
-from userpub.cid import encode_name
 from userpub.config import load_config
 
 REPO1, REPO2 = "repo1.example.org", "repo2.example.org"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from spool import Spool
+from spool.names import encode_name
 from tests.helpers import Daemon, make_tarball, wait_for, write_config
-from userpub.cid import encode_name
 from userpub.config import load_config
 
 REPO = "repo1.example.org"

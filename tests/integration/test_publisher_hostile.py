@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 from spool import Spool
+from spool.names import encode_name
 from tests.helpers import make_tarball, run_userpub, write_config
 from tests.hostile import CASE_LIMITS, EXPECTED_ERRORS, HOSTILE_CASES
-from userpub.cid import encode_name
 from userpub.config import load_config
 
 REPO = "repo1.example.org"

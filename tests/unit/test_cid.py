@@ -2,14 +2,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from userpub.cid import (
-    InvalidCid,
-    decode_name,
-    encode_name,
-    is_ignored_name,
-    split_tar_suffix,
-    validate_cid,
-)
+from spool.names import decode_name, encode_name, is_ignored_name, split_tar_suffix
+from userpub_client.cid import InvalidCid, validate_cid
 
 VALID = ["abc", "fermilab/" + "a" * 64, "dune/x.y-z_1", "a/b", "x" * 255, "g/1.tmp", "a@b"]
 INVALID = [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from userpub.credentials import (
+from userpub_client.credentials import (
     CredentialError,
     discover_proxy,
     discover_token,

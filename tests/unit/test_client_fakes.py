@@ -3,7 +3,7 @@
 A :class:`FakeServer` answers every request with ``responder(seen)`` and records what it saw:
 method, path, query, headers, the body's length and hash, and the client certificate.
 :func:`make_pki` builds a development CA, a host certificate and a user proxy with
-``ingest.devpki``. Only a sanity test lives here; the other test modules import these.
+``devsite.pki``. Only a sanity test lives here; the other test modules import these.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.devpki import CertificateAuthority, make_proxy
+from devsite.pki import CertificateAuthority, make_proxy
 
 USER_DN = "/DC=org/DC=example/OU=People/CN=Jane Doe 12345"
 

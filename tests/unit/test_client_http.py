@@ -21,7 +21,7 @@ from tests.unit.test_client_fakes import (
     scripted,
     server_context,
 )
-from userpub.client import (
+from userpub_client.api import (
     ApiError,
     ClientError,
     PubApi,
@@ -33,8 +33,8 @@ from userpub.client import (
     parse_server_list,
     servers_from,
 )
-from userpub.credentials import CredentialError, Credentials, ca_locations, make_ssl_context
-from userpub.progress import Progress
+from userpub_client.credentials import CredentialError, Credentials, ca_locations, make_ssl_context
+from userpub_client.progress import Progress
 
 pytestmark = pytest.mark.timeout(60)
 _contexts: dict[object, ssl.SSLContext] = {}  # loading the system CAs takes a while

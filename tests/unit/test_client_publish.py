@@ -22,9 +22,9 @@ from tests.unit.test_client_fakes import (
     server_context,
 )
 from userpub.cli import main
-from userpub.client import PubApi, RetryPolicy, parse_server
-from userpub.client_cli import Exit, TimedOutError, follow, publish
-from userpub.credentials import Credentials, make_ssl_context
+from userpub_client.api import PubApi, RetryPolicy, parse_server
+from userpub_client.cli import Exit, TimedOutError, follow, publish
+from userpub_client.credentials import Credentials, make_ssl_context
 
 pytestmark = pytest.mark.timeout(60)
 PATH = "/cvmfs/repo1.example.org/sw/"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from userpub.cli import main
-from userpub.reproducible_tar import TarballError, check_tarball, make_tarball, tarball_cid
+from userpub_client.reproducible_tar import TarballError, check_tarball, make_tarball, tarball_cid
 
 
 def build_tree(root: Path) -> Path:

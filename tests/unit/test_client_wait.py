@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 from userpub.cli import main
-from userpub.wait import candidates, wait_for
+from userpub_client.wait import candidates, wait_for
 
 SCRIPT = REPO_ROOT / "scripts" / "userpub-wait.sh"
 REPOS = ["repo1.example.org", "repo2.example.org"]

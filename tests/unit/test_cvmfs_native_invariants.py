@@ -206,9 +206,9 @@ def check_repository(root: Path) -> Checked:
 
 def userpub_verify(root: Path, master_pub: Path, repo: str | None = None) -> str:
     """Run the project's verifier (``userpub verify``, written independently) in-process."""
-    from publisher.cvmfs_verify.fetch import DirectorySource
-    from publisher.cvmfs_verify.signature import load_master_keys
-    from publisher.cvmfs_verify.verify import Options, verify_repository
+    from cvmfs_verify.fetch import DirectorySource
+    from cvmfs_verify.signature import load_master_keys
+    from cvmfs_verify.verify import Options, verify_repository
 
     report = verify_repository(DirectorySource(root),
                                Options(tuple(load_master_keys([master_pub])), repo=repo))
@@ -309,7 +309,7 @@ def repo(tmp_path):
 
 
 def test_varied_tarballs_satisfy_every_invariant_and_read_back(repo, tmp_path):
-    from publisher.unpack import UnpackLimits
+    from publisher.tarball.unpack import UnpackLimits
 
     rng = __import__("random").Random(5)
     big = rng.randbytes(1_500_000)  # chunked with the test's 64/128/256 KiB parameters
@@ -353,7 +353,7 @@ def test_varied_tarballs_satisfy_every_invariant_and_read_back(repo, tmp_path):
 
 
 def test_every_revision_keeps_the_invariants(repo, tmp_path):
-    from publisher.unpack import UnpackLimits
+    from publisher.tarball.unpack import UnpackLimits
 
     revisions = []
     for i in range(4):

@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 
-from publisher.decompress import UnpackError
-from publisher.tarstream import REG, TarReader
+from publisher.tarball.decompress import UnpackError
+from publisher.tarball.stream import REG, TarReader
 
 
 class _Chunks:

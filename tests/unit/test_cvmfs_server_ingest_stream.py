@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from publisher.repositories.cvmfs_ingest import IngestStream
-from publisher.unpack import UnpackError, UnpackLimits
+from publisher.repositories.cvmfs_server.ingest_stream import IngestStream
+from publisher.tarball.unpack import UnpackError, UnpackLimits
 from tests.helpers import make_tarball
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from publisher.repositories.subprocess_log import run_command
+from publisher.repositories.cvmfs_server.subprocess_log import run_command
 
 LOG = logging.getLogger("test.subprocess")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from publisher.cvmfs_verify.client import Reader, ReadError
-from publisher.cvmfs_verify.fetch import HttpSource
-from publisher.cvmfs_verify.signature import load_master_keys
+from cvmfs_verify.client import Reader, ReadError
+from cvmfs_verify.fetch import HttpSource
+from cvmfs_verify.signature import load_master_keys
 from tests.unit.test_cvmfs_verify_fixture import (
     Keys,
     Node,

@@ -1,4 +1,4 @@
-"""A minimal stratum-0 writer that exists ONLY to exercise the verifier (``publisher.cvmfs_verify``).
+"""A minimal stratum-0 writer that exists ONLY to exercise the verifier (``cvmfs_verify``).
 
 It is written straight from ``notes/cvmfs-format.md`` (§2-§9), deliberately simple (everything in
 memory, fixed-size chunks, SHA-1, zlib), and shares no code with the real writer

@@ -1,4 +1,4 @@
-"""Small pieces of ``publisher.cvmfs_verify``: hash names, flags, letters, fingerprints, variables."""
+"""Small pieces of ``cvmfs_verify``: hash names, flags, letters, fingerprints, variables."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import zlib
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from publisher.cvmfs_verify.client import expand_variables
-from publisher.cvmfs_verify.fetch import BadObjectError, DirectorySource, check_object, inflate
-from publisher.cvmfs_verify.hashes import (
+from cvmfs_verify.client import expand_variables
+from cvmfs_verify.fetch import BadObjectError, DirectorySource, check_object, inflate
+from cvmfs_verify.hashes import (
     ContentHash,
     HashError,
     algorithm_from_flags,
@@ -18,8 +18,8 @@ from publisher.cvmfs_verify.hashes import (
     digest,
     md5_pair,
 )
-from publisher.cvmfs_verify.letters import parse_manifest, parse_whitelist, split_letter
-from publisher.cvmfs_verify.signature import check_letter_hash, fingerprint
+from cvmfs_verify.letters import parse_manifest, parse_whitelist, split_letter
+from cvmfs_verify.signature import check_letter_hash, fingerprint
 from tests.unit.test_cvmfs_verify_fixture import make_keys
 
 HEX = "0bab73a62aad74f9150bbbc4fa50d91fa718c9cd"

@@ -1,4 +1,4 @@
-"""``publisher.cvmfs_verify.verify``: a valid fixture repository passes; each corruption is reported
+"""``cvmfs_verify.verify``: a valid fixture repository passes; each corruption is reported
 once, with a precise location. Repositories come from the spec-only fixture writer."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from publisher.cvmfs_verify.fetch import open_source
-from publisher.cvmfs_verify.report import Report
-from publisher.cvmfs_verify.signature import load_master_keys
-from publisher.cvmfs_verify.verify import Options, verify_repository
+from cvmfs_verify.fetch import open_source
+from cvmfs_verify.report import Report
+from cvmfs_verify.signature import load_master_keys
+from cvmfs_verify.verify import Options, verify_repository
 from tests.unit.test_cvmfs_verify_fixture import (
     Keys,
     Node,

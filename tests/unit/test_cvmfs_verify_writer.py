@@ -1,7 +1,7 @@
 """The independent verifier and client against what the real writer (``cvmfs-native``) produces.
 
 The writer is used only through its public API (``NativeRepository``, ``init_keys``); the
-checks are ``publisher.cvmfs_verify``'s, which shares no code with it.
+checks are ``cvmfs_verify``'s, which shares no code with it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from publisher.cvmfs_verify.client import Reader
-from publisher.cvmfs_verify.fetch import HttpSource, open_source
-from publisher.cvmfs_verify.report import Report
-from publisher.cvmfs_verify.signature import load_master_keys
-from publisher.cvmfs_verify.verify import Options, verify_repository
+from cvmfs_verify.client import Reader
+from cvmfs_verify.fetch import HttpSource, open_source
+from cvmfs_verify.report import Report
+from cvmfs_verify.signature import load_master_keys
+from cvmfs_verify.verify import Options, verify_repository
 from publisher.repositories.cvmfs_native import KeyFiles, NativeRepository, init_keys
-from publisher.unpack import UnpackLimits
+from publisher.tarball.unpack import UnpackLimits
 from tests.unit.test_cvmfs_verify_client import _Quiet, _server
 from userpub.cli import main
 

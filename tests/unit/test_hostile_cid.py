@@ -14,8 +14,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from spool import BadEntry, Kind, Spool, State, entry_name, parse_name
+from spool.names import is_ignored_name
 from spool.queue import NAME_MAX
-from userpub.cid import MAX_CID_LENGTH, InvalidCid, is_ignored_name, validate_cid
+from userpub_client.cid import MAX_CID_LENGTH, InvalidCid, validate_cid
 
 ALLOWED = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in "'\\\"`/")
 # Weighted towards the characters that grow threefold when percent-encoded.

@@ -32,8 +32,8 @@ from hypothesis.stateful import invariant, precondition, rule
 
 import spool.queue as queue
 from spool import BadEntry, Kind, Spool, entry_name
+from spool.names import encode_name
 from tests.unit.test_spool_properties import CIDS, REPOS, SpoolMachine
-from userpub.cid import encode_name
 
 OPERATOR_CIDS = st.sampled_from(["ops/o1", "ops/o2", "ops/o3"])
 LONG_CIDS = st.sampled_from(["!" * 120, "x" * 255, "g/" + "~" * 253])

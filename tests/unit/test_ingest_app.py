@@ -16,12 +16,12 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
 
+from devsite.pki import CertificateAuthority, make_proxy
 from ingest.app import WriteBehind, make_app, make_plain_app
 from ingest.auth import Authenticator
 from ingest.connection import ChunkedReader
-from ingest.devpki import CertificateAuthority, make_proxy
 from metrics import IngestMetrics
-from publisher.catalog import Catalog
+from publisher.repositories.catalog import Catalog
 from spool import Spool
 from tests.helpers import write_config
 from userpub.config import load_config

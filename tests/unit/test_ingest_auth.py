@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from devsite.pki import CertificateAuthority, Credential, TokenIssuer, forged_proxy, make_proxy
 from ingest.auth import (
     ANY_AUDIENCE,
     Authenticator,
@@ -20,7 +21,6 @@ from ingest.auth import (
     parse_gridmap,
     slash_dn,
 )
-from ingest.devpki import CertificateAuthority, Credential, TokenIssuer, forged_proxy, make_proxy
 
 USER_DN = "/DC=org/DC=example/OU=People/CN=Jane Doe 12345"
 

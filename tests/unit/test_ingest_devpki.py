@@ -9,8 +9,7 @@ import jwt
 import pytest
 from cryptography import x509
 
-from ingest.auth import POLICY_LIMITED, proxy_policy
-from ingest.devpki import (
+from devsite.pki import (
     POLICY_INHERIT_ALL,
     CertificateAuthority,
     TokenIssuer,
@@ -21,6 +20,7 @@ from ingest.devpki import (
     subject_hash,
     write_dev_pki,
 )
+from ingest.auth import POLICY_LIMITED, proxy_policy
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
 

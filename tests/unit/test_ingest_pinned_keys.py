@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from devsite.pki import TokenIssuer
 from ingest.auth import AuthError, TokenVerifier
-from ingest.devpki import TokenIssuer
 
 ISS = "https://localhost/userpub-dev-issuer"
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import pytest
 
 from janitor.cleanup import DAY, CleanupError, Preview, clean, format_preview, judge
-from publisher.catalog import Catalog
 from publisher.repositories import GcResult, RemoveResult
+from publisher.repositories.catalog import Catalog
 
 REPO1, REPO2 = "repo1.example.org", "repo2.example.org"
 

@@ -12,12 +12,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from janitor.cleanup import CleanupError, CleanupResult
-from janitor.daemon import Janitor, parse_time, run_now, state_store
+from janitor.daemon import Janitor, JanitorError, parse_time, run_now, state_store
 from janitor.state import RunRecord, StateStore
 from metrics import JanitorMetrics
 from tests.helpers import write_config
 from userpub.config import load_config
-from userpub.daemon import Fatal, Waker
+from userpub.daemon import Waker
 
 UTC = ZoneInfo("UTC")
 REPO1, REPO2 = "repo1.example.org", "repo2.example.org"
@@ -160,7 +160,7 @@ def test_a_stop_request_ends_the_pass(janitor):
 def test_no_hosted_repository_is_fatal(tmp_path, registry):
     config = load_config(write_config(tmp_path / "s", hosts={0: "x", 1: "y"}))
     daemon = Janitor(config, JanitorMetrics(registry), Waker())
-    with pytest.raises(Fatal, match="hosts no repository"):
+    with pytest.raises(JanitorError, match="hosts no repository"):
         daemon.initialize()
 
 
@@ -202,10 +202,10 @@ def test_parse_time_without_offset_is_local_time():
 
 
 def test_parse_time_rejects_garbage():
-    with pytest.raises(Fatal, match="not an ISO 8601 time"):
+    with pytest.raises(JanitorError, match="not an ISO 8601 time"):
         parse_time("next tuesday")
 
 
 def test_real_cleanup_refuses_a_future_as_of(config, registry):
-    with pytest.raises(Fatal, match="future"):
+    with pytest.raises(JanitorError, match="future"):
         run_now(config, REPO1, time.time() + 7 * 86400, JanitorMetrics(registry), Waker())

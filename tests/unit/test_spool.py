@@ -6,7 +6,7 @@ import time
 import pytest
 
 from spool import BadEntry, DropResult, Kind, Spool, State, entry_name
-from userpub.cid import InvalidCid
+from userpub_client.cid import InvalidCid
 
 
 @pytest.fixture

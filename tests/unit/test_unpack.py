@@ -1,4 +1,4 @@
-"""Tests of publisher.unpack: round trips, formats, permissions and every hostile class."""
+"""Tests of publisher.tarball.unpack: round trips, formats, permissions and every hostile class."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from publisher.decompress import ChunkSource, open_chunks
-from publisher.tarstream import REG, TarReader, parse_pax
-from publisher.unpack import UnpackError, UnpackLimits, UnpackStats, detect_compression, unpack
+from publisher.tarball.decompress import ChunkSource, open_chunks
+from publisher.tarball.stream import REG, TarReader, parse_pax
+from publisher.tarball.unpack import (
+    UnpackError,
+    UnpackLimits,
+    UnpackStats,
+    detect_compression,
+    unpack,
+)
 from tests.hostile import (
     CASE_LIMITS,
     EXPECTED_ERRORS,

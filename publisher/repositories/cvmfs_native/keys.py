@@ -23,11 +23,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from userpub.errors import ServiceError
+
 KEY_BITS = 2048
 CERT_DAYS = 3650
 
 
-class KeysError(Exception):
+class KeysError(ServiceError):
     """Keys are missing, unreadable or would be overwritten; ``str()`` says which."""
 
 

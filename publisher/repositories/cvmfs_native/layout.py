@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from publisher.repositories.cvmfs_native.manifest import LetterError, Manifest, split_letter
-from spool.fsutil import fsync_dir, remove_tree, syncfs
+from userpub.fsutil import fsync_dir, remove_tree, syncfs
 
 MANIFEST = ".cvmfspublished"
 REFLOG = ".cvmfsreflog"

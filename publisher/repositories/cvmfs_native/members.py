@@ -1,11 +1,11 @@
 """Stream a user's tarball into an in-memory tree, storing file contents as objects on the way.
 
-The archive is read once: :mod:`publisher.decompress` and :class:`publisher.tarstream.TarReader`
+The archive is read once: :mod:`publisher.tarball.decompress` and :class:`publisher.tarball.stream.TarReader`
 give the members and their data (``read_data``); each regular file's data goes straight to the
 object pipeline (whole if at most the minimum chunk size, else cut into ``P`` chunks), and the
 tree records names, modes and mtimes. Nothing is written to disk but objects.
 
-The safety rules are those of :mod:`publisher.unpack`: names and symlink targets are judged by
+The safety rules are those of :mod:`publisher.tarball.unpack`: names and symlink targets are judged by
 its own ``clean_path`` and ``check_symlink``; the structural rules (hard links to a regular
 file seen earlier, no type changes involving a directory, nothing below a file or symlink,
 symlinks re-resolved through other symlinks at the end, the member and byte limits) are
@@ -18,12 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from publisher.decompress import UnpackError, detect_compression, open_chunks
 from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, Chunker, ChunkParams
 from publisher.repositories.cvmfs_native.objects import PARTIAL, ObjectPipeline
 from publisher.repositories.cvmfs_native.tree import Dir, File, FileData, Node, Symlink
-from publisher.tarstream import DIR, LNK, REG, SYM, Member, TarReader, show
-from publisher.unpack import UnpackLimits, UnpackStats, check_symlink, clean_path
+from publisher.tarball.decompress import UnpackError, detect_compression, open_chunks
+from publisher.tarball.stream import DIR, LNK, REG, SYM, Member, TarReader, show
+from publisher.tarball.unpack import UnpackLimits, UnpackStats, check_symlink, clean_path
 
 _PIECE = 1 << 20  # bytes read from the tar stream at a time for chunked files (512-aligned)
 _MAX_HOPS = 40

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from publisher.decompress import UnpackError
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, ChunkParams
 from publisher.repositories.cvmfs_native.gc import expired, kept_roots, reachable
@@ -53,8 +52,8 @@ from publisher.repositories.cvmfs_native.tree import (
     iter_files,
     write_catalogs,
 )
-from publisher.unpack import UnpackLimits, UnpackStats
-from userpub.daemon import Fatal
+from publisher.tarball.decompress import UnpackError
+from publisher.tarball.unpack import UnpackLimits, UnpackStats
 
 log = logging.getLogger("userpub.repository.cvmfs_native")
 
@@ -173,7 +172,7 @@ class NativeRepository(NativeReader):
             try:
                 self.initialize()
             except KeysError as err:
-                raise Fatal(str(err)) from None
+                raise RepositoryError(str(err)) from None
 
     def gc(self) -> GcResult:
         """Delete objects that no kept revision reaches; publishes one revision."""

@@ -1,6 +1,6 @@
 """An unpacked CID held in memory, and its conversion into catalogs (one per marked directory).
 
-The tree mirrors what :func:`publisher.unpack.unpack` would create on disk, but regular files
+The tree mirrors what :func:`publisher.tarball.unpack.unpack` would create on disk, but regular files
 hold the hashes of their stored objects instead of data. Hard links share one
 :class:`FileData`. :func:`write_catalogs` turns a subtree into a nested catalog (and further
 nested catalogs below directories holding a ``.cvmfscatalog`` marker), bottom-up, and stores

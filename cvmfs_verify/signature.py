@@ -18,8 +18,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from publisher.cvmfs_verify.hashes import ContentHash, HashError, digest
-from publisher.cvmfs_verify.letters import SignedLetter
+from cvmfs_verify.hashes import ContentHash, HashError, digest
+from cvmfs_verify.letters import SignedLetter
 
 
 class MasterKeyError(ValueError):

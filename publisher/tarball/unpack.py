@@ -1,8 +1,8 @@
 """Streaming, safe and fast extraction of a user's tarball into a fresh CID directory.
 
 ``unpack(source, dest)`` detects the compression from the content (gzip, bzip2, xz, zstd or
-none), decompresses on another core (see :mod:`publisher.decompress`), parses the tar stream
-with a lean parser (:mod:`publisher.tarstream`) and writes every member strictly below *dest*.
+none), decompresses on another core (see :mod:`publisher.tarball.decompress`), parses the tar stream
+with a lean parser (:mod:`publisher.tarball.stream`) and writes every member strictly below *dest*.
 
 Safety rules (each violation raises :class:`UnpackError` naming the member):
 
@@ -41,8 +41,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from publisher.decompress import UnpackError, detect_compression, open_chunks
-from publisher.tarstream import DIR, LNK, REG, SYM, Member, TarReader, show
+from publisher.tarball.decompress import UnpackError, detect_compression, open_chunks
+from publisher.tarball.stream import DIR, LNK, REG, SYM, Member, TarReader, show
 
 __all__ = ["UnpackError", "UnpackLimits", "UnpackStats", "check_symlink", "clean_path",
            "detect_compression", "unpack"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from publisher.cvmfs_verify import signature
-from publisher.cvmfs_verify.fetch import (
+from cvmfs_verify import signature
+from cvmfs_verify.fetch import (
     BadObjectError,
     FetchError,
     NotFoundError,
@@ -23,8 +23,8 @@ from publisher.cvmfs_verify.fetch import (
     fetch_object,
     read,
 )
-from publisher.cvmfs_verify.hashes import SUFFIX_CERTIFICATE
-from publisher.cvmfs_verify.letters import LetterError, Manifest, parse_manifest, parse_whitelist
+from cvmfs_verify.hashes import SUFFIX_CERTIFICATE
+from cvmfs_verify.letters import LetterError, Manifest, parse_manifest, parse_whitelist
 
 MANIFEST = ".cvmfspublished"
 WHITELIST = ".cvmfswhitelist"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
-from publisher.cvmfs_verify.catalog import (
+from cvmfs_verify.catalog import (
     FLAG_BIND_MOUNTPOINT,
     FLAG_CHUNKED,
     FLAG_DIR,
@@ -25,7 +25,7 @@ from publisher.cvmfs_verify.catalog import (
     Entry,
     display,
 )
-from publisher.cvmfs_verify.hashes import (
+from cvmfs_verify.hashes import (
     SUFFIX_NONE,
     SUFFIX_PARTIAL,
     ContentHash,
@@ -34,7 +34,7 @@ from publisher.cvmfs_verify.hashes import (
     compression_from_flags,
     md5_pair,
 )
-from publisher.cvmfs_verify.report import ObjectRef, Report
+from cvmfs_verify.report import ObjectRef, Report
 
 Counters = dict[str, int]
 MARKER = b".cvmfscatalog"

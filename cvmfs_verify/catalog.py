@@ -9,7 +9,7 @@ import sqlite3
 import stat
 from dataclasses import dataclass
 
-from publisher.cvmfs_verify.hashes import ContentHash, md5_pair
+from cvmfs_verify.hashes import ContentHash, md5_pair
 
 FLAG_DIR = 1
 FLAG_NESTED_MOUNTPOINT = 2

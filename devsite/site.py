@@ -1,7 +1,7 @@
 """``userpub init DIR``: a working example site for trying cvmfs-userpub on this host.
 
 It writes ``DIR/userpub.toml`` (two local repositories hosted here, an HTTPS ingest on free
-local ports), development credentials (made by ``ingest.devpki``, wired in ``cli.py``), a sample
+local ports), development credentials (made by :mod:`devsite.pki`), a sample
 tarball, ``DIR/env.sh`` with what a client needs, and ``DIR/QUICKSTART.txt``. Everything it writes
 is for trying things out, never for production.
 """
@@ -12,6 +12,10 @@ import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+from devsite.pki import write_dev_site
+from userpub.errors import ServiceError
+from userpub_client.reproducible_tar import make_tarball
 
 EXAMPLE_REPOSITORIES = ("user1.example.org", "user2.example.org")
 DEV_ISSUER = "https://localhost/userpub-dev-issuer"
@@ -148,3 +152,41 @@ In another shell, publish the sample tarball:
   # where a job finds it:
   .venv/bin/userpub wait "$CID" --mount-root {directory.resolve() / 'repos'} --timeout 60
 """
+
+
+class SiteError(ServiceError):
+    """The example site cannot be written (a configuration not written by us is in the way)."""
+
+
+def write_example_site(directory: Path) -> list[str]:
+    """Write the example site into ``directory`` (once); the ``export`` lines a client needs.
+
+    A directory that already holds a site written by this function is left alone and its
+    export lines are returned again; any other ``userpub.toml`` there raises SiteError.
+    """
+    config_path = directory / "userpub.toml"
+    env_file = directory / "env.sh"
+    if config_path.exists():
+        if not env_file.exists():
+            raise SiteError(f"{config_path} exists (not written by userpub init); not touching it")
+        return [line for line in env_file.read_text().splitlines() if line.startswith("export ")]
+    directory.mkdir(parents=True, exist_ok=True)
+    ports = free_ports()
+    site = write_dev_site(directory / "pki", DEV_ISSUER, https_url(ports))
+    creds = Credentials(site.pki.ca_dir, site.pki.ca_file, site.pki.host_cert,
+                        site.pki.host_key, site.pki.grid_mapfile, site.pki.user_proxy,
+                        site.token_file, site.issuer_jwks)
+    server = socket.gethostname().split(".")[0] or "pub1"
+    config_path.write_text(example_config_text(directory, server, ports, creds))
+    sample_dir = directory / "sample" / "demo-code"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    (sample_dir / "run.sh").write_text("#!/bin/sh\necho 'hello from cvmfs-userpub'\n")
+    (sample_dir / "run.sh").chmod(0o755)
+    (sample_dir / "README").write_text("A sample of user code published by cvmfs-userpub.\n")
+    sample = directory / "sample.tar.gz"
+    make_tarball(sample_dir, sample)
+    exports = client_exports(config_path, ports, creds)
+    env_file.write_text("# cvmfs-userpub example site: what a client on this host needs\n"
+                        + "\n".join(exports) + "\n")
+    (directory / "QUICKSTART.txt").write_text(quickstart_text(directory, ports, sample))
+    return exports

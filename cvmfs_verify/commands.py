@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from userpub.daemon import Fatal
-
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from publisher.cvmfs_verify.catalog import Entry
-    from publisher.cvmfs_verify.client import Reader
+    from cvmfs_verify.catalog import Entry
+    from cvmfs_verify.client import Reader
+
+
+class CommandError(Exception):
+    """A command cannot run as asked (no key, unreadable repository); one line for the user."""
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,20 +60,20 @@ def _common(parser: argparse.ArgumentParser, *, optional_key: bool = False) -> N
 
 
 def _keys(args: argparse.Namespace, hint: str = "") -> list[rsa.RSAPublicKey]:
-    from publisher.cvmfs_verify.signature import MasterKeyError, load_master_keys
+    from cvmfs_verify.signature import MasterKeyError, load_master_keys
 
     if not args.key:
-        raise Fatal(f"--key MASTER.pub is required{hint}")
+        raise CommandError(f"--key MASTER.pub is required{hint}")
     try:
         return load_master_keys([Path(k) for k in args.key])
     except MasterKeyError as err:
-        raise Fatal(str(err)) from None
+        raise CommandError(str(err)) from None
 
 
 def run_verify(args: argparse.Namespace) -> int:
     """Verify a repository: one line per problem and exit 1, or one summary line and exit 0."""
-    from publisher.cvmfs_verify.fetch import open_source
-    from publisher.cvmfs_verify.verify import Options, verify_repository
+    from cvmfs_verify.fetch import open_source
+    from cvmfs_verify.verify import Options, verify_repository
 
     keys = _keys(args)
     source = open_source(args.location, proxy=args.proxy, repo=args.repo)
@@ -84,15 +86,15 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _reader(args: argparse.Namespace) -> Reader:
-    from publisher.cvmfs_verify.client import Reader, ReadError
-    from publisher.cvmfs_verify.fetch import open_source
+    from cvmfs_verify.client import Reader, ReadError
+    from cvmfs_verify.fetch import open_source
 
     keys = None if args.no_verify else _keys(args, " (or --no-verify)")
     source = open_source(args.location, proxy=args.proxy, repo=args.repo)
     try:
         return Reader.open(source, keys, repo=args.repo)
     except ReadError as err:
-        raise Fatal(str(err)) from None
+        raise CommandError(str(err)) from None
 
 
 def format_entry(entry: Entry, name: str | None = None) -> str:
@@ -108,7 +110,7 @@ def format_entry(entry: Entry, name: str | None = None) -> str:
 
 def run_ls(args: argparse.Namespace) -> int:
     """List a directory (or show one entry) of a repository."""
-    from publisher.cvmfs_verify.client import ReadError
+    from cvmfs_verify.client import ReadError
 
     with _reader(args) as reader:
         try:
@@ -121,13 +123,13 @@ def run_ls(args: argparse.Namespace) -> int:
             else:  # one entry, shown under the name asked for (like ls)
                 print(format_entry(found.entry, args.path) if args.long else args.path)
         except ReadError as err:
-            raise Fatal(str(err)) from None
+            raise CommandError(str(err)) from None
     return 0
 
 
 def run_cat(args: argparse.Namespace) -> int:
     """Write a file of a repository to standard output."""
-    from publisher.cvmfs_verify.client import ReadError
+    from cvmfs_verify.client import ReadError
 
     with _reader(args) as reader:
         try:
@@ -136,7 +138,7 @@ def run_cat(args: argparse.Namespace) -> int:
                 out.write(block)
             out.flush()
         except ReadError as err:
-            raise Fatal(str(err)) from None
+            raise CommandError(str(err)) from None
         except BrokenPipeError:
             return 1
     return 0

@@ -4,9 +4,9 @@ Written against the storage-format specification (``notes/cvmfs-format.md``), no
 writer: it must never import ``publisher.repositories.cvmfs_native`` (and the writer must not import
 it), so that it checks the writer rather than repeating its assumptions.
 
-- :func:`publisher.cvmfs_verify.verify.verify_repository`: ``userpub verify`` (signatures,
+- :func:`cvmfs_verify.verify.verify_repository`: ``userpub verify`` (signatures,
   whitelist, every catalog, every object, counters, history, reflog).
-- :class:`publisher.cvmfs_verify.client.Reader`: ``userpub ls`` / ``userpub cat`` (reads as a
+- :class:`cvmfs_verify.client.Reader`: ``userpub ls`` / ``userpub cat`` (reads as a
   client does, over HTTP or from a directory).
 
 Nothing is imported here, so that building the ``userpub`` parser stays cheap.

@@ -9,7 +9,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from publisher.cvmfs_verify.hashes import ROOT_PATH_MD5, ContentHash, HashError
+from cvmfs_verify.hashes import ROOT_PATH_MD5, ContentHash, HashError
 
 #: Manifest letters of spec §3 (``Z`` is reserved and must not be emitted).
 KNOWN_LETTERS = "CBRDSGALNXHTMY"

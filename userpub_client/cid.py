@@ -1,4 +1,4 @@
-"""Content IDs (CIDs): the grammar, and their reversible encoding to one spool file name.
+"""Content IDs (CIDs): the grammar (the one copy; the server imports it from here).
 
 A CID names one published tree, ``<repository>/<prefix>/<cid>``; jobsub_lite uses
 ``<group>/<sha256 of the tarball>``. The rules are those of the original cvmfs-user-pub
@@ -8,19 +8,10 @@ only, no ``..`` or empty components, at most 255 characters.
 
 from __future__ import annotations
 
-import string
-
 MAX_CID_LENGTH = 255
 
-# Characters kept as they are in spool names; everything else is percent-encoded.
-_NAME_SAFE = frozenset(string.ascii_letters + string.digits + "-_.+=,~")
 _PRINTABLE = frozenset(chr(c) for c in range(0x21, 0x7F))  # no space, no control, ASCII only
 _FORBIDDEN = frozenset("'\\\"`")
-IGNORED_SUFFIXES = (".tmp", ".part")
-TAR_SUFFIXES = (
-    ".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar",
-    ".tgz", ".tbz2", ".tbz", ".txz", ".tzst",
-)
 
 
 class InvalidCid(ValueError):  # noqa: N818 (the name reads as the answer)
@@ -65,50 +56,3 @@ def is_valid_cid(cid: str) -> bool:
     except InvalidCid:
         return False
     return True
-
-
-def encode_name(cid: str) -> str:
-    """Encode a valid CID as one file name (percent-encoding; reversible by :func:`decode_name`).
-
-    The result never starts with ``.`` and never ends with an ignored suffix (``.tmp``, ``.part``),
-    so the spool never mistakes an entry for a file in progress.
-    """
-    out = "".join(c if c in _NAME_SAFE else f"%{ord(c):02X}" for c in cid)
-    if out.startswith("."):
-        out = "%2E" + out[1:]
-    if out.endswith(IGNORED_SUFFIXES):
-        dot = out.rfind(".")
-        out = out[:dot] + "%2E" + out[dot + 1 :]
-    return out
-
-
-def decode_name(name: str) -> str:
-    """Decode a spool name made by :func:`encode_name` (or by hand); raise InvalidCid if bad."""
-    out: list[str] = []
-    i = 0
-    while i < len(name):
-        c = name[i]
-        if c == "%":
-            code = name[i + 1 : i + 3]
-            if len(code) != 2 or any(h not in string.hexdigits for h in code):
-                raise InvalidCid(f"bad percent-encoding in spool name {name!r}")
-            out.append(chr(int(code, 16)))
-            i += 3
-        else:
-            out.append(c)
-            i += 1
-    return validate_cid("".join(out))
-
-
-def split_tar_suffix(name: str) -> tuple[str, str]:
-    """Split an operator's file name into (encoded CID, tar suffix or '')."""
-    lower = name.lower()
-    for suffix in TAR_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)], name[-len(suffix) :]
-    return name, ""
-
-
-def is_ignored_name(name: str) -> bool:
-    """Names the spool never picks up: hidden, or still being written."""
-    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)

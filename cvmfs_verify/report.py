@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from publisher.cvmfs_verify.hashes import ContentHash
+from cvmfs_verify.hashes import ContentHash
 
 
 @dataclass(frozen=True)

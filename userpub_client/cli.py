@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping
 from enum import IntEnum
 from pathlib import Path
 
-from userpub.cid import InvalidCid, validate_cid
-from userpub.client import (
+from userpub_client.api import (
     Answer,
     ApiError,
     ClientError,
@@ -25,15 +24,16 @@ from userpub.client import (
     UnavailableError,
     servers_from,
 )
-from userpub.credentials import (
+from userpub_client.cid import InvalidCid, validate_cid
+from userpub_client.credentials import (
     CredentialError,
     ca_locations,
     find_credentials,
     make_ssl_context,
 )
-from userpub.progress import Progress
-from userpub.reproducible_tar import TarballError, check_tarball, make_tarball, tarball_cid
-from userpub.wait import wait_for
+from userpub_client.progress import Progress
+from userpub_client.reproducible_tar import TarballError, check_tarball, make_tarball, tarball_cid
+from userpub_client.wait import wait_for
 
 Say = Callable[[str], None]
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from userpub import __version__
-from userpub.credentials import Credentials
-from userpub.progress import Progress
+from userpub_client import __version__
+from userpub_client.credentials import Credentials
+from userpub_client.progress import Progress
 
 DEFAULT_PORTS = {"https": 443, "http": 80}
 SERVER_ENV = ("USERPUB_SERVERS", "JOBSUB_DROPBOX_SERVER_LIST")

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from publisher.cvmfs_verify.catalog import (
+from cvmfs_verify.catalog import (
     FLAG_CHUNKED,
     FLAG_EXTERNAL,
     Catalog,
     DatabaseError,
     Entry,
 )
-from publisher.cvmfs_verify.fetch import (
+from cvmfs_verify.fetch import (
     BadObjectError,
     FetchError,
     NotFoundError,
@@ -32,7 +32,7 @@ from publisher.cvmfs_verify.fetch import (
     fetch_object,
     read,
 )
-from publisher.cvmfs_verify.hashes import (
+from cvmfs_verify.hashes import (
     SUFFIX_CATALOG,
     SUFFIX_NONE,
     SUFFIX_PARTIAL,
@@ -41,8 +41,8 @@ from publisher.cvmfs_verify.hashes import (
     algorithm_from_flags,
     compression_from_flags,
 )
-from publisher.cvmfs_verify.letters import Manifest, parse_manifest
-from publisher.cvmfs_verify.trust import MANIFEST, check_chain
+from cvmfs_verify.letters import Manifest, parse_manifest
+from cvmfs_verify.trust import MANIFEST, check_chain
 
 MAX_SYMLINKS = 40
 _VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)(?::-([^)]*))?\)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from publisher.cvmfs_verify.hashes import ContentHash, HashError
+from cvmfs_verify.hashes import ContentHash, HashError
 
 BLOCK = 1 << 20
 INFLATE_STEP = 4 << 20

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from publisher.cvmfs_verify.catalog import (
+from cvmfs_verify.catalog import (
     COUNTERS,
     FLAG_NESTED_ROOT,
     Catalog,
@@ -19,16 +19,16 @@ from publisher.cvmfs_verify.catalog import (
     Entry,
     display,
 )
-from publisher.cvmfs_verify.fetch import BadObjectError, FetchError, NotFoundError
-from publisher.cvmfs_verify.hashes import (
+from cvmfs_verify.fetch import BadObjectError, FetchError, NotFoundError
+from cvmfs_verify.hashes import (
     SUFFIX_CATALOG,
     ContentHash,
     HashError,
     md5_pair,
     parent_path,
 )
-from publisher.cvmfs_verify.report import ObjectRef, Report
-from publisher.cvmfs_verify.rows import Counters, RowChecker, differences
+from cvmfs_verify.report import ObjectRef, Report
+from cvmfs_verify.rows import Counters, RowChecker, differences
 
 #: Fetch and open a catalog object; raises NotFoundError/BadObjectError/FetchError/DatabaseError.
 CatalogLoader = Callable[[ContentHash], Catalog]

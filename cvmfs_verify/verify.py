@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from publisher.cvmfs_verify.catalog import Catalog, DatabaseError, open_database, properties
-from publisher.cvmfs_verify.fetch import (
+from cvmfs_verify.catalog import Catalog, DatabaseError, open_database, properties
+from cvmfs_verify.fetch import (
     BadObjectError,
     FetchError,
     NotFoundError,
@@ -33,7 +33,7 @@ from publisher.cvmfs_verify.fetch import (
     fetch_object,
     read,
 )
-from publisher.cvmfs_verify.hashes import (
+from cvmfs_verify.hashes import (
     SUFFIX_CATALOG,
     SUFFIX_CERTIFICATE,
     SUFFIX_HISTORY,
@@ -42,10 +42,10 @@ from publisher.cvmfs_verify.hashes import (
     HashError,
     digest,
 )
-from publisher.cvmfs_verify.letters import Manifest
-from publisher.cvmfs_verify.report import ObjectRef, Report
-from publisher.cvmfs_verify.tree import CatalogWalker, RootInfo
-from publisher.cvmfs_verify.trust import MANIFEST, check_chain
+from cvmfs_verify.letters import Manifest
+from cvmfs_verify.report import ObjectRef, Report
+from cvmfs_verify.tree import CatalogWalker, RootInfo
+from cvmfs_verify.trust import MANIFEST, check_chain
 
 REFLOG = ".cvmfsreflog"
 REFLOG_TYPES = {0: "catalog", 1: "certificate", 2: "history", 3: "metainfo"}

@@ -35,12 +35,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
-from publisher.repositories.cvmfs_ingest import IngestStream
-from publisher.repositories.subprocess_log import CommandResult, run_command
+from publisher.repositories.cvmfs_server.ingest_stream import IngestStream
+from publisher.repositories.cvmfs_server.subprocess_log import CommandResult, run_command
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
-from publisher.unpack import UnpackError, UnpackLimits, UnpackStats, unpack
-from spool.fsutil import remove_tree, rename_noreplace, tree_size
-from spool.queue import unique_id
+from publisher.tarball.unpack import UnpackError, UnpackLimits, UnpackStats, unpack
+from userpub.fsutil import remove_tree, rename_noreplace, tree_size, unique_id
 
 log = logging.getLogger("userpub.repository.cvmfs_server")
 

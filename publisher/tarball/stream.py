@@ -2,7 +2,7 @@
 
 It never holds more than one decompressed chunk plus one header, and copies member data straight
 from the chunk buffers to file descriptors. Only the structure is parsed here; names are returned
-as raw bytes and judged by the caller (:mod:`publisher.unpack`).
+as raw bytes and judged by the caller (:mod:`publisher.tarball.unpack`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from publisher.decompress import OCTAL, ChunkSource, UnpackError, tar_checksum_ok
+from publisher.tarball.decompress import OCTAL, ChunkSource, UnpackError, tar_checksum_ok
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)

@@ -1,4 +1,4 @@
-"""Small filesystem primitives the spool and the repositories build on."""
+"""Small filesystem primitives the spool, the repositories and the janitor build on."""
 
 from __future__ import annotations
 
@@ -6,15 +6,24 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import os
 import shutil
+import socket
 import stat
+import time
 from pathlib import Path
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
+_counter = itertools.count()  # process-wide, for unique_id
+
+
+def unique_id() -> str:
+    """A collision-free name for temporary entries: time, pid, counter and host."""
+    return f"{time.time_ns()}.P{os.getpid()}Q{next(_counter)}.{socket.gethostname()}"
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:

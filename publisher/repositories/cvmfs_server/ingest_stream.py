@@ -23,16 +23,16 @@ import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
-from publisher.decompress import (
+from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD
+from publisher.tarball.decompress import (
     ChunkSource,
     UnpackError,
     detect_compression,
     open_chunks,
     tar_checksum_ok,
 )
-from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD
-from publisher.tarstream import BLOCK, MAX_META, parse_pax, show
-from publisher.unpack import UnpackLimits, UnpackStats
+from publisher.tarball.stream import BLOCK, MAX_META, parse_pax, show
+from publisher.tarball.unpack import UnpackLimits, UnpackStats
 
 _ZERO = bytes(BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")
