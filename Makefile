@@ -44,6 +44,7 @@ bench: deps
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) scripts/import_rules.py   # the house's import rules (docs/architecture.md)
 
 type: install
 	$(VENV)/bin/mypy
