@@ -6,7 +6,7 @@ CONFIG ?= var/userpub.toml
 APT_PACKAGES := curl lbzip2 pigz isal nginx prometheus squid strace
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lint type check install deps system-deps clean
+.PHONY: run test test-fast bench lint type check install deps system-deps clean client-wheel
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,5 +51,9 @@ type: install
 
 check: lint type test
 
+# The grid user's client alone (standard library only, Python >= 3.9): dist/cvmfs_userpub_client-*.whl
+client-wheel: install
+	$(PY) -m pip wheel -q --no-deps -w dist ./userpub_client
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var dist .pytest_cache .mypy_cache .ruff_cache userpub_client/build

@@ -1,6 +1,6 @@
 """An independent reader and verifier of CernVM-FS stratum-0 repositories.
 
-Written against the storage-format specification (``notes/cvmfs-format.md``), not against our
+Written against the storage-format specification (``docs/cvmfs-format.md``), not against our
 writer: it must never import ``publisher.repositories.cvmfs_native`` (and the writer must not import
 it), so that it checks the writer rather than repeating its assumptions.
 

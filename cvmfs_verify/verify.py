@@ -1,7 +1,7 @@
 """``userpub verify``: check a whole repository revision against the specification.
 
 Every problem is collected with its location; nothing stops at the first one. Sections of
-``notes/cvmfs-format.md``:
+``docs/cvmfs-format.md``:
 
 - manifest fields (§3), signature with the certificate object ``X`` (§3, §4);
 - whitelist: signature by a master key, expiry, repository name, certificate fingerprint (§5);

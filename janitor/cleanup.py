@@ -38,10 +38,7 @@ Locking and safety (:func:`clean`):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -57,17 +54,14 @@ from janitor.spoolclean import (
     stale_tmp,
 )
 from publisher.repositories import (
-    LocalRepository,
     Repository,
     RepositoryReader,
     open_reader,
     open_repository,
 )
 from publisher.repositories.catalog import Catalog
-from publisher.repositories.tree import TreeReader
 from spool import Spool
 from userpub.config import Config
-from userpub.fsutil import syncfs
 from userpub.locks import transaction_lock_path
 
 log = logging.getLogger("userpub.janitor")
@@ -174,12 +168,12 @@ def judge(reader: RepositoryReader, catalog: Catalog, *, as_of: float, max_days:
 
 
 def check_readable(catalog: Catalog) -> None:
-    """CleanupError unless every repository's tree can be read (its stamps keep CIDs alive)."""
+    """CleanupError unless every repository can be read (its stamps keep CIDs alive)."""
     for reader in catalog.readers:
-        if isinstance(reader, TreeReader) and not reader.cid_dir.is_dir():
-            raise CleanupError(
-                f"repository {reader.name} is unreadable: {reader.cid_dir} is not a directory "
-                "(not mounted, or never published into); refusing to judge ages without it")
+        reason = reader.unreadable()
+        if reason is not None:
+            raise CleanupError(f"repository {reader.name} is unreadable: {reason}; refusing "
+                               "to judge ages without it")
 
 
 def clean(config: Config, repo_name: str, *, as_of: float | None = None,
@@ -207,19 +201,18 @@ def clean(config: Config, repo_name: str, *, as_of: float | None = None,
     lock = FileLock(transaction_lock_path(config, repo_name), poll_interval=0.01)
     if not _acquire(lock, repo_name, should_stop):
         return CleanupResult(repo_name, started, time.monotonic() - t0, completed=False)
-    local = isinstance(repository, LocalRepository)
     locked_at = time.monotonic()
     try:
         log.info("%s: cleanup started (holding %s)", repo_name, lock.lock_file)
         result = _clean_locked(repository, catalog, config.janitor.max_days, as_of, clock,
                                should_stop, progress, PendingRequests(Spool(config.server.spool)))
-        if result.completed and not local:
+        if result.completed and repository.gc_needs_lock:
             _collect_garbage(repository)
     finally:
         lock.release()
     lock_seconds = time.monotonic() - locked_at
     log.info("%s: released the lock after %.2f s", repo_name, lock_seconds)
-    if result.completed and local:
+    if result.completed and not repository.gc_needs_lock:
         _collect_garbage(repository)
     now = clock()
     spool = Spool(config.server.spool)
@@ -276,7 +269,6 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                 spared += 1
                 log.info("%s: kept %s: a request for it waits in the spool", name, item.cid)
             elif last is not None:
-                _make_removable(repository, item.cid)
                 result = txn.remove([item.cid])
                 cids += result.cids
                 freed += result.bytes_freed
@@ -314,25 +306,6 @@ def _collect_garbage(repository: Repository) -> None:
     gc = repository.gc()
     log.info("%s: garbage collection freed %d bytes in %.1f s", repository.name,
              gc.bytes_freed, gc.seconds)
-    if isinstance(repository, LocalRepository):
-        with contextlib.suppress(OSError):
-            syncfs(repository.root)
-
-
-def _make_removable(repository: Repository, cid: str) -> None:
-    """Give the owner write access to a CID's directory (and its group directory).
-
-    Moving a directory to another parent rewrites its ``..`` entry, which needs write access
-    to the directory itself; read-only trees inside are handled by the backend's gc.
-    """
-    if not isinstance(repository, LocalRepository):
-        return
-    path = repository.path_of(cid)
-    for p in (path.parent, path) if path.parent != repository.cid_dir else (path,):
-        with contextlib.suppress(OSError):
-            st = os.lstat(p)
-            if stat.S_ISDIR(st.st_mode) and (st.st_mode & 0o700) != 0o700:
-                os.chmod(p, stat.S_IMODE(st.st_mode) | 0o700)
 
 
 def preview(config: Config, repo_name: str, *, as_of: float | None = None,

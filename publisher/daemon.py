@@ -23,7 +23,7 @@ from watchdog.observers.polling import PollingObserver
 from metrics import PublisherMetrics
 from publisher.repositories import Repository, RepositoryError
 from publisher.repositories.catalog import Catalog
-from publisher.tarball.unpack import UnpackError, UnpackLimits, UnpackStats
+from publisher.tarball import UnpackError, UnpackLimits, UnpackStats
 from spool import BadEntry, Entry, Kind, Spool
 from spool.names import is_ignored_name
 from userpub.config import Config, RepositoryConfig

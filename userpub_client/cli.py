@@ -1,7 +1,9 @@
-"""The grid user's commands: ``userpub client ...``, ``userpub cid``, ``userpub tar``, ``userpub wait``.
+"""The grid user's commands: ``userpub-client OPERATION`` alone, or inside the server's command
+as ``userpub client OPERATION``, ``userpub cid``, ``userpub tar``, ``userpub wait``.
 
-``cli.py`` registers these parsers and calls the ``run_*`` functions; everything here uses the
-standard library only, so the client works wherever Python 3.11 does.
+:func:`main` is the standalone command; the server's ``userpub/cli.py`` registers the same
+parsers and calls the ``run_*`` functions. Everything here uses the standard library only,
+so the client works wherever Python 3.9 or later does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping
 from enum import IntEnum
 from pathlib import Path
 
+from userpub_client import __version__
 from userpub_client.api import (
     Answer,
     ApiError,
@@ -86,6 +89,12 @@ def _decorate(parser: argparse.ArgumentParser) -> None:
 def add_client_parser(parser: argparse.ArgumentParser) -> None:
     """Sub-commands of ``userpub client`` (parser made by cli.py)."""
     _decorate(parser)
+    _add_operations(parser.add_subparsers(dest="client_command", required=True,
+                                          metavar="OPERATION"))
+
+
+def _add_operations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The operations on the servers (publish, exists, ...) as sub-commands of ``sub``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", action="append", metavar="HOST[:PORT]|URL",
                         help="ingest server (repeatable; default: $USERPUB_SERVERS, else "
@@ -104,7 +113,6 @@ def add_client_parser(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--socket-timeout", type=float, default=60.0,
                         help="seconds without progress before a request fails (default 60)")
     common.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
-    sub = parser.add_subparsers(dest="client_command", required=True, metavar="OPERATION")
 
     def add(name: str, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text, description=text)
@@ -371,3 +379,39 @@ def run_wait(args: argparse.Namespace) -> int:
         return Exit.TIMEOUT
     print(result.path)
     return Exit.OK
+
+
+# -- the standalone command -------------------------------------------------------------------
+
+
+def build_parser(prog: str = "userpub-client") -> argparse.ArgumentParser:
+    """The parser of the standalone client: the operations, plus cid, tar and wait."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Publish code tarballs with cvmfs-userpub and find them on "
+                               "worker nodes.")
+    _decorate(parser)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    sub = parser.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
+    _add_operations(sub)
+    for name, adder, run, text in (
+            ("cid", add_cid_parser, run_cid, "print a tarball's CID (GROUP/<sha256>)"),
+            ("tar", add_tar_parser, run_tar, "make a reproducible tarball of a directory"),
+            ("wait", add_wait_parser, run_wait, "wait until a CID is visible under /cvmfs")):
+        p = sub.add_parser(name, help=text, description=text)
+        adder(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``userpub-client COMMAND``: run it; the exit code is one of EXIT_CODES."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = getattr(args, "run", run_client)
+    try:
+        return int(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from publisher.tarball.unpack import UnpackLimits, UnpackStats
+from publisher.tarball import UnpackLimits, UnpackStats
 from userpub.errors import ServiceError
 
 
@@ -75,9 +75,20 @@ class RepositoryReader(Protocol):
     def size_of(self, cid: str) -> int:
         """Bytes of regular files under ``cid`` (0 if absent)."""
 
+    def unreadable(self) -> str | None:
+        """Why this copy cannot be read right now (not mounted, never published into), or
+        None. Ages must not be judged on a copy that cannot be read: its stamps count."""
+
 
 class Repository(RepositoryReader, Protocol):
-    """A repository this host publishes into."""
+    """A repository this host publishes into.
+
+    ``gc_needs_lock`` is False when :meth:`gc` only deletes what no reader and no transaction
+    can see any more (the local backend's trash), so it may run after the transaction lock is
+    released and publishing goes on meanwhile.
+    """
+
+    gc_needs_lock: bool
 
     def transaction(self) -> AbstractContextManager[Transaction]:
         """Open a transaction: published on clean exit, aborted on an exception."""

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
-from publisher.tarball.unpack import UnpackLimits, UnpackStats, unpack
+from publisher.tarball import UnpackLimits, UnpackStats
+from publisher.tarball.unpack import unpack
 from userpub.fsutil import fsync_dir, remove_tree, rename_noreplace, syncfs, tree_size, unique_id
 
 log = logging.getLogger("userpub.repository.local")
@@ -31,6 +33,8 @@ WORK_DIR = ".userpub"
 
 class LocalRepository(TreeReader):
     """A repository that is a directory on this host."""
+
+    gc_needs_lock = False  # gc deletes the trash, which nothing can see
 
     def __init__(self, name: str, root: Path, prefix: str, stamps: str, mount: str,
                  *, durable: bool = True) -> None:
@@ -82,12 +86,14 @@ class LocalRepository(TreeReader):
         os.rename(path, self.trash / f"{unique_id()}.{label}")
 
     def gc(self) -> GcResult:
-        """Delete the trash."""
+        """Delete the trash (nothing in it is visible: no lock needed), then flush."""
         start = time.monotonic()
         freed = 0
         for item in list(self.trash.iterdir()) if self.trash.is_dir() else []:
             freed += tree_size(item)
             remove_tree(item)
+        with contextlib.suppress(OSError):
+            syncfs(self.root)
         return GcResult(freed, time.monotonic() - start)
 
     def idle(self, seconds_idle: float) -> None:
@@ -137,6 +143,7 @@ class LocalTransaction:
             if not path.is_dir():
                 continue
             freed += tree_size(path)
+            _make_movable(path, self.repo.cid_dir)
             self.repo.move_to_trash(path, "removed")
             removed += 1
             parent = path.parent
@@ -214,6 +221,19 @@ def _out_of_space(err: BaseException | None) -> bool:
             return True
         err = err.__cause__
     return False
+
+
+def _make_movable(path: Path, cid_dir: Path) -> None:
+    """Give the owner write access to a CID's directory (and its group directory).
+
+    Moving a directory to another parent rewrites its ``..`` entry, which needs write access
+    to the directory itself; read-only trees inside are handled by :meth:`LocalRepository.gc`.
+    """
+    for p in (path.parent, path) if path.parent != cid_dir else (path,):
+        with contextlib.suppress(OSError):
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode) and (st.st_mode & 0o700) != 0o700:
+                os.chmod(p, stat.S_IMODE(st.st_mode) | 0o700)
 
 
 def _remove_if_empty(path: Path) -> None:

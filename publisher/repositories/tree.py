@@ -65,6 +65,12 @@ class TreeReader:
         """``<mount>/<prefix>/<cid>``."""
         return f"{self.mount}/{self.prefix}/{cid}"
 
+    def unreadable(self) -> str | None:
+        """Why the tree cannot be read (its CID directory is missing), or None."""
+        if self.cid_dir.is_dir():
+            return None
+        return f"{self.cid_dir} is not a directory (not mounted, or never published into)"
+
     def size_of(self, cid: str) -> int:
         """Apparent size of the CID's files."""
         return tree_size(self.cid_dir / cid)

@@ -9,3 +9,8 @@ The one home of every rule about tar members, used by every backend:
   targets, hard links, type changes, limits);
 * :mod:`publisher.tarball.unpack`: the rules applied to a directory on disk.
 """
+
+from publisher.tarball.decompress import UnpackError, detect_compression
+from publisher.tarball.rules import MemberRules, UnpackLimits, UnpackStats
+
+__all__ = ["MemberRules", "UnpackError", "UnpackLimits", "UnpackStats", "detect_compression"]

@@ -45,7 +45,8 @@ from tests.hostile import HOSTILE_CASES, compress, dir_, hard, reg, sym, tar_byt
 
 with atheris.instrument_imports(include=["publisher.tarball.unpack", "publisher.tarball.stream",
                                          "publisher.tarball.decompress"]):
-    from publisher.tarball.unpack import UnpackError, UnpackLimits, unpack
+    from publisher.tarball import UnpackError, UnpackLimits
+    from publisher.tarball.unpack import unpack
 
 LIMITS = UnpackLimits(max_members=300, max_bytes=8 << 20)
 SECRET = b"the sentinel must never change\n"

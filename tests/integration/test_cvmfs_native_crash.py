@@ -123,7 +123,7 @@ def test_kill_minus_nine_during_garbage_collection(tmp_path):
     assert root is not None
     key = config.server.state / "keys" / f"{REPO}.pub"
     from publisher.repositories import open_repository
-    from publisher.tarball.unpack import UnpackLimits
+    from publisher.tarball import UnpackLimits
 
     repo = open_repository(config, config.repositories[0])
     repo.recover()

@@ -7,7 +7,7 @@ import time
 
 from janitor.cleanup import clean
 from publisher.repositories import open_reader, open_repository
-from publisher.tarball.unpack import UnpackLimits
+from publisher.tarball import UnpackLimits
 from tests.helpers import make_tarball, run_userpub, write_config
 from tests.unit.test_cvmfs_native_invariants import check_repository, userpub_verify
 from tests.unit.test_cvmfs_native_repository import reachable_now, stored_now

@@ -10,7 +10,7 @@ import pytest
 
 from publisher.repositories import CvmfsServerRepository, RepositoryError, open_reader
 from publisher.repositories.catalog import Catalog
-from publisher.tarball.unpack import UnpackError, UnpackLimits
+from publisher.tarball import UnpackError, UnpackLimits
 from tests.helpers import make_tarball, tree_listing, write_config
 from userpub.config import load_config
 
@@ -222,7 +222,7 @@ def test_ingest_mode_streams_each_cid_into_cvmfs_server_ingest(double, tarballs,
         tar.addfile(tarfile.TarInfo("../escape"))
     with repo.transaction() as txn:
         stats = txn.add("grp/i1", tarballs("grp/i1"), "alice", LIMITS)
-        with pytest.raises(UnpackError, match=r"'\.\.'"):
+        with pytest.raises(UnpackError, match="escapes the CID directory"):
             txn.add("grp/bad", bad, "mallory", LIMITS)
         txn.stamp(["grp/i1"], "bob")
     assert (stats.files, stats.compression) == (2, "gzip")

@@ -22,7 +22,7 @@ import pytest
 
 from janitor.cleanup import clean
 from publisher.repositories import open_repository
-from publisher.tarball.unpack import UnpackLimits
+from publisher.tarball import UnpackLimits
 from spool import Spool
 from tests.helpers import make_tarball, run_userpub, tree_listing, wait_for, write_config
 from tests.integration import test_publisher as local

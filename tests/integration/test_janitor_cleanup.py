@@ -12,7 +12,7 @@ import time
 import pytest
 
 from janitor.cleanup import CleanupError, clean
-from publisher.tarball.unpack import UnpackLimits
+from publisher.tarball import UnpackLimits
 from tests.helpers import REPO_ROOT, run_userpub
 from tests.integration.test_janitor_support import (
     DAY,

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from publisher.repositories import LocalRepository, open_repository
-from publisher.tarball.unpack import UnpackLimits
+from publisher.tarball import UnpackLimits
 from spool import Spool
 from tests.helpers import make_tarball, write_config
 from userpub.config import Config, load_config

@@ -309,7 +309,7 @@ def repo(tmp_path):
 
 
 def test_varied_tarballs_satisfy_every_invariant_and_read_back(repo, tmp_path):
-    from publisher.tarball.unpack import UnpackLimits
+    from publisher.tarball import UnpackLimits
 
     rng = __import__("random").Random(5)
     big = rng.randbytes(1_500_000)  # chunked with the test's 64/128/256 KiB parameters
@@ -353,7 +353,7 @@ def test_varied_tarballs_satisfy_every_invariant_and_read_back(repo, tmp_path):
 
 
 def test_every_revision_keeps_the_invariants(repo, tmp_path):
-    from publisher.tarball.unpack import UnpackLimits
+    from publisher.tarball import UnpackLimits
 
     revisions = []
     for i in range(4):

@@ -15,8 +15,9 @@ from publisher.repositories.base import RepositoryError
 from publisher.repositories.cvmfs_native import NativeReader, NativeRepository, init_keys
 from publisher.repositories.cvmfs_native.chunking import ChunkParams
 from publisher.repositories.cvmfs_native.manifest import Whitelist, split_letter
+from publisher.tarball import UnpackLimits
 from publisher.tarball.decompress import UnpackError
-from publisher.tarball.unpack import UnpackLimits, unpack
+from publisher.tarball.unpack import unpack
 from tests.hostile import CASE_LIMITS, EXPECTED_ERRORS, HOSTILE_CASES, dir_, hard, reg, sym
 from tests.hostile import tar_bytes as hostile_tar
 from tests.unit.test_cvmfs_native_invariants import (

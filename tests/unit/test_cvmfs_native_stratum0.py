@@ -19,7 +19,7 @@ from cheroot import wsgi
 
 from ingest.stratum0 import LONG_SECONDS, SHORT_SECONDS, make_stratum0_app, stratum0_repositories
 from publisher.repositories.cvmfs_native import NativeRepository, init_keys
-from publisher.tarball.unpack import UnpackLimits
+from publisher.tarball import UnpackLimits
 from tests.helpers import REPO_ROOT, make_tarball
 from tests.unit.test_cvmfs_native_invariants import check_repository, userpub_verify
 

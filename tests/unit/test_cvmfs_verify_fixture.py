@@ -1,6 +1,6 @@
 """A minimal stratum-0 writer that exists ONLY to exercise the verifier (``cvmfs_verify``).
 
-It is written straight from ``notes/cvmfs-format.md`` (§2-§9), deliberately simple (everything in
+It is written straight from ``docs/cvmfs-format.md`` (§2-§9), deliberately simple (everything in
 memory, fixed-size chunks, SHA-1, zlib), and shares no code with the real writer
 (``publisher/repositories/cvmfs_native``) nor with the verifier: it builds small valid repositories
 and, through :class:`Tweaks`, precisely broken ones. It is not a product; do not use it to publish.

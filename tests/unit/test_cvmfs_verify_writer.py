@@ -21,7 +21,7 @@ from cvmfs_verify.report import Report
 from cvmfs_verify.signature import load_master_keys
 from cvmfs_verify.verify import Options, verify_repository
 from publisher.repositories.cvmfs_native import KeyFiles, NativeRepository, init_keys
-from publisher.tarball.unpack import UnpackLimits
+from publisher.tarball import UnpackLimits
 from tests.unit.test_cvmfs_verify_client import _Quiet, _server
 from userpub.cli import main
 

@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry
 
 from devsite.pki import CertificateAuthority, make_proxy
-from ingest.app import WriteBehind, make_app, make_plain_app
+from ingest.app import make_app, make_plain_app
 from ingest.auth import Authenticator
 from ingest.connection import ChunkedReader
+from ingest.upload import WriteBehind
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
 from spool import Spool

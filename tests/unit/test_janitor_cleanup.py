@@ -18,8 +18,11 @@ REPO1, REPO2 = "repo1.example.org", "repo2.example.org"
 class MemoryRepository:
     """A repository double; removals are applied at commit, as cvmfs_server does."""
 
+    gc_needs_lock = True
+
     def __init__(self, name: str) -> None:
         self.name = name
+        self.unreadable_because: str | None = None
         self.published: dict[str, float] = {}
         self.stamped: dict[str, float] = {}
         self.commits = 0
@@ -47,6 +50,9 @@ class MemoryRepository:
 
     def size_of(self, cid: str) -> int:
         return 10 if cid in self.published else 0
+
+    def unreadable(self) -> str | None:
+        return self.unreadable_because
 
     # writer
     @contextmanager
@@ -166,3 +172,36 @@ def test_a_stop_request_ends_the_removals_and_skips_gc(config, repos):
     assert not result.completed
     assert result.cids == 2 and len(a.published) == 3
     assert a.gcs == 0
+
+
+def test_an_unreadable_copy_stops_the_cleanup_before_any_removal(config, repos):
+    a, b = repos
+    a.published["old"] = time.time() - 40 * DAY
+    b.unreadable_because = "/cvmfs2/repo2 is not a directory"
+    with pytest.raises(CleanupError, match=r"repo2\.example\.org is unreadable: /cvmfs2/repo2"):
+        clean(config, REPO1, repository=a, catalog=Catalog([a, b]))
+    assert set(a.published) == {"old"} and a.commits == 0
+
+
+@pytest.mark.parametrize("needs_lock", [True, False])
+def test_gc_runs_under_the_lock_only_when_the_backend_needs_it(config, repos, needs_lock):
+    from filelock import FileLock, Timeout
+
+    from userpub.locks import transaction_lock_path
+
+    a, b = repos
+    a.gc_needs_lock = needs_lock
+    a.published["old"] = time.time() - 40 * DAY
+    held: list[bool] = []
+
+    def gc() -> GcResult:
+        try:
+            with FileLock(transaction_lock_path(config, REPO1), timeout=0):
+                held.append(False)
+        except Timeout:
+            held.append(True)
+        return GcResult(0, 0.0)
+
+    a.gc = gc  # type: ignore[method-assign]
+    clean(config, REPO1, repository=a, catalog=Catalog([a, b]))
+    assert held == [needs_lock]

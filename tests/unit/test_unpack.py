@@ -12,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from publisher.tarball import UnpackError, UnpackLimits, UnpackStats, detect_compression
 from publisher.tarball.decompress import ChunkSource, open_chunks
 from publisher.tarball.stream import REG, TarReader, parse_pax
-from publisher.tarball.unpack import (
-    UnpackError,
-    UnpackLimits,
-    UnpackStats,
-    detect_compression,
-    unpack,
-)
+from publisher.tarball.unpack import unpack
 from tests.hostile import (
     CASE_LIMITS,
     EXPECTED_ERRORS,

@@ -79,6 +79,13 @@ class NativeReader:
         self._manifest: Manifest | None = None
         self._is_cid: dict[str, bool] = {}
 
+    def unreadable(self) -> str | None:
+        """Why the repository cannot be read (its directory is missing), or None.
+
+        A repository without a published revision yet is readable: it holds nothing.
+        """
+        return None if self.root.is_dir() else f"{self.root} is not a directory"
+
     # -- plumbing -----------------------------------------------------------------------------
     def manifest(self) -> Manifest | None:
         """The published manifest (re-read when the file changes)."""

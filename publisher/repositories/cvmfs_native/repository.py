@@ -52,8 +52,8 @@ from publisher.repositories.cvmfs_native.tree import (
     iter_files,
     write_catalogs,
 )
+from publisher.tarball import UnpackLimits, UnpackStats
 from publisher.tarball.decompress import UnpackError
-from publisher.tarball.unpack import UnpackLimits, UnpackStats
 
 log = logging.getLogger("userpub.repository.cvmfs_native")
 
@@ -67,6 +67,8 @@ METAINFO_DEFAULT: dict[str, object] = {
 
 class NativeRepository(NativeReader):
     """A stratum 0 directory this host writes."""
+
+    gc_needs_lock = True  # gc publishes a revision
 
     def __init__(self, name: str, root: Path, prefix: str, stamps: str, mount: str, *,
                  keys: KeyFiles, whitelist_days: int = 30, keep_hours: float = 24.0,

@@ -38,7 +38,8 @@ from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.cvmfs_server.ingest_stream import IngestStream
 from publisher.repositories.cvmfs_server.subprocess_log import CommandResult, run_command
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
-from publisher.tarball.unpack import UnpackError, UnpackLimits, UnpackStats, unpack
+from publisher.tarball import UnpackError, UnpackLimits, UnpackStats
+from publisher.tarball.unpack import unpack
 from userpub.fsutil import remove_tree, rename_noreplace, tree_size, unique_id
 
 log = logging.getLogger("userpub.repository.cvmfs_server")
@@ -55,6 +56,8 @@ def default_published_view(name: str) -> Path:
 
 class CvmfsServerRepository(TreeReader):
     """A repository published by the ``cvmfs_server`` installed on this host."""
+
+    gc_needs_lock = True  # cvmfs_server gc refuses to run inside a transaction
 
     def __init__(self, name: str, mount: Path, published: Path, prefix: str, stamps: str,
                  *, timeout: float, ingest: bool = False, command: str = COMMAND) -> None:
@@ -284,7 +287,8 @@ class CvmfsServerTransaction:
             log.info("%s: %s is already in the repository; keeping that copy", repo.name, cid)
             return _EMPTY
         base = f"{repo.prefix}/{cid}".rstrip("/")  # a trailing '/' breaks ingest (cvmfs #2818)
-        stream = IngestStream(payload, submitter, limits)
+        stream = IngestStream(payload, submitter, limits,
+                              os.fsencode(f"{repo.union}/{base}"))
         chunks = stream.chunks()
         with contextlib.closing(chunks):
             try:

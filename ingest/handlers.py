@@ -1,0 +1,176 @@
+"""The handlers of ``/pubapi/*``, one function per route, in the order a client meets them.
+
+Each handler takes the :class:`Api` (what every handler needs: configuration, spool,
+catalog, metrics, authenticator) and the WSGI environ, and returns the answer or raises it
+(a ``bottle.HTTPResponse``). Handlers read ``request.query`` and the raw ``wsgi.input`` only
+(bottle's ``request.body`` buffers the body and breaks chunked uploads under cheroot). The
+routes are wired in :mod:`ingest.app`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import bottle
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ingest.auth import Authenticator, AuthError, Identity
+from ingest.responses import CID, IDENTITY, bad_request, reply
+from ingest.upload import free_bytes, insufficient_storage, receive, too_large
+from metrics import IngestMetrics
+from publisher.repositories.catalog import Catalog
+from spool import DropResult, Spool, State
+from userpub.config import Config, IngestConfig
+from userpub_client.cid import InvalidCid, validate_cid
+
+__all__ = ["Api", "config_answer", "exists", "metrics_answer", "ping", "publish", "status",
+           "update"]
+
+log = logging.getLogger("userpub.ingest.access")
+
+
+@dataclass(frozen=True)
+class Api:
+    """What the handlers of the HTTPS API share."""
+
+    config: Config
+    ingest: IngestConfig
+    spool: Spool
+    catalog: Catalog
+    metrics: IngestMetrics
+    authenticator: Authenticator
+
+    def authenticate(self, environ: dict[str, Any]) -> Identity:
+        """The caller's identity, or raise the original's 403 answer."""
+        try:
+            identity = self.authenticator.authenticate(environ)
+        except AuthError as err:
+            self.metrics.auth_failures.labels(err.reason).inc()
+            environ[IDENTITY] = f"refused {err.reason}: {err.subject or '-'}"
+            raise reply("403 Access denied", f"{err.message}\n") from None
+        environ[IDENTITY] = identity.name
+        return identity
+
+    def cid(self, environ: dict[str, Any], route: str) -> str:
+        """The request's valid ``cid``, or raise the original's 400 answer."""
+        values = bottle.request.query.getall("cid")
+        if not values or not values[0]:
+            raise bad_request(f"{route} with no cid")
+        environ[CID] = values[0]
+        try:
+            return validate_cid(values[0])
+        except InvalidCid as err:
+            raise bad_request(str(err)) from None
+
+    def has_room(self, upcoming: int = 0) -> bool:
+        """True while the spool keeps its reserve after ``upcoming`` more bytes."""
+        return free_bytes(self.spool.tmp) - upcoming >= self.ingest.spool_reserve_bytes
+
+    def receive(self, environ: dict[str, Any], length: int | None, write: Any) -> int:
+        """The whole body into ``write`` (None: read and discarded); the byte count."""
+        return receive(environ, length, write, limit=self.ingest.max_upload_bytes,
+                       metrics=self.metrics, room=self.has_room)
+
+
+def ping(environ: dict[str, Any]) -> bottle.HTTPResponse:
+    """``GET /pubapi/ping``: OK."""
+    return reply("200 OK", "OK\n")
+
+
+def config_answer(config: Config) -> bottle.HTTPResponse:
+    """``GET /pubapi/config``: ``repos:r1,r2,...``, every repository of the site."""
+    return reply("200 OK", "repos:" + ",".join(r.name for r in config.repositories) + "\n")
+
+
+def exists(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
+    """``GET /pubapi/exists?cid=``: PRESENT:<path> or MISSING."""
+    api.authenticate(environ)
+    location = api.catalog.locate(api.cid(environ, "exists"))
+    return reply("200 OK", f"PRESENT:{location.path}\n" if location else "MISSING\n")
+
+
+def update(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
+    """``GET /pubapi/update?cid=``: as exists, and a present CID is stamped (used again)."""
+    identity = api.authenticate(environ)
+    cid = api.cid(environ, "update")
+    location = api.catalog.locate(cid)
+    if location is None:
+        return reply("200 OK", "MISSING\n")
+    api.spool.drop_stamp(cid, identity.submitter)
+    return reply("200 OK", f"PRESENT:{location.path}\n")
+
+
+def status(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
+    """``GET /pubapi/status?cid=``: QUEUED, PUBLISHING, PRESENT:<path>, FAILED:<reason>, MISSING."""
+    api.authenticate(environ)
+    cid = api.cid(environ, "status")
+    state = api.spool.status(cid)  # before the catalog: a publisher publishes, then dequeues
+    if state.state is State.QUEUED:
+        return reply("200 OK", "QUEUED\n")
+    if state.state is State.PUBLISHING:
+        return reply("200 OK", "PUBLISHING\n")
+    location = api.catalog.locate(cid)
+    if location is not None:
+        return reply("200 OK", f"PRESENT:{location.path}\n")
+    if state.state is State.FAILED:
+        return reply("200 OK", "FAILED:" + " ".join(state.reason.split()) + "\n")
+    return reply("200 OK", "MISSING\n")
+
+
+def _content_length(api: Api, environ: dict[str, Any]) -> int | None:
+    """The body's declared length (None: chunked); 400 or 413 raised when unacceptable."""
+    chunked = bool(environ.get("wsgi.input_terminated")) or \
+        "chunked" in str(environ.get("HTTP_TRANSFER_ENCODING", "")).lower()
+    if chunked:
+        return None
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        if length < 0:  # int() takes "-1", which cheroot passes on
+            raise ValueError(length)
+    except ValueError:
+        raise bad_request("invalid Content-Length", close=True) from None
+    if length > api.ingest.max_upload_bytes:
+        raise too_large(api.ingest.max_upload_bytes)
+    return length
+
+
+def publish(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
+    """``POST /pubapi/publish?cid=``: the tarball body; OK once durable in the spool.
+
+    A CID already published answers PRESENT:<path> and is stamped; one already waiting or
+    publishing answers OK. Either way the body is read and discarded, as the original does.
+    """
+    identity = api.authenticate(environ)
+    cid = api.cid(environ, "publish")
+    length = _content_length(api, environ)
+    location = api.catalog.locate(cid)
+    if location is not None:
+        api.receive(environ, length, None)
+        api.spool.drop_stamp(cid, identity.submitter)
+        return reply("200 OK", f"PRESENT:{location.path}\n")
+    if api.spool.status(cid).state in (State.QUEUED, State.PUBLISHING):
+        api.receive(environ, length, None)
+        return reply("200 OK", "OK\n")
+    if not api.has_room(length or 0):
+        raise insufficient_storage(close=length is None)
+    try:  # the entry's directory, the body, and meta.json at commit all take room
+        with api.spool.writer(cid, identity.submitter) as writer:
+            size = api.receive(environ, length, writer.write)
+            result = writer.commit()
+    except OSError as err:  # writing to the spool (reading errors are answered above)
+        log.error("cannot write the upload of %s to the spool: %s", cid, err)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise insufficient_storage(close=True) from None
+        raise
+    if result is DropResult.QUEUED:
+        api.metrics.upload_bytes.inc(size)
+    return reply("200 OK", "OK\n")
+
+
+def metrics_answer(registry: CollectorRegistry) -> bottle.HTTPResponse:
+    """``GET /metrics`` (plain listener): the process's Prometheus metrics."""
+    return bottle.HTTPResponse(generate_latest(registry), "200 OK",
+                               {"Content-Type": CONTENT_TYPE_LATEST})
