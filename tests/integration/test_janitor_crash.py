@@ -1,14 +1,18 @@
-"""kill -9 of a real ``userpub janitor --now`` at random points of a long cleanup."""
+"""kill -9 of a real ``userpub janitor --now`` at exact points of a long cleanup.
+
+Each run is held by strace at its k-th ``rename`` (a CID moved to the trash) counted from the
+start of the cleanup, then killed: the points are events, not times, so the test does not
+depend on the machine's speed.
+"""
 
 from __future__ import annotations
 
 import os
-import random
-import time
 
 import pytest
 
 from tests.helpers import Daemon, run_userpub, wait_for
+from tests.integration.test_hostile_support import Failpoint
 from tests.integration.test_janitor_support import FILES, REPO1, Site, cid_listing
 
 FILES_PER_CID = {**FILES, **{f"src/m{i}/f{j}.py": b"x = 1\n" * (i + j) for i in range(3)
@@ -33,7 +37,6 @@ def check_complete_or_absent(site: Site, expected: list[tuple[str, int]]) -> set
 
 @pytest.mark.slow
 def test_kill_9_mid_cleanup_leaves_every_cid_complete_or_absent(tmp_path):
-    rng = random.Random(20261125)
     site = Site(tmp_path / "site")
     old = [f"g/c{i:04d}" for i in range(1000)] + [f"f{i:04d}" for i in range(200)]
     fresh = [f"g/n{i:04d}" for i in range(150)] + [f"n{i:04d}" for i in range(50)]
@@ -46,25 +49,23 @@ def test_kill_9_mid_cleanup_leaves_every_cid_complete_or_absent(tmp_path):
     assert check_complete_or_absent(site, expected) == set(old) | set(fresh)
 
     kills = []
-    for attempt in range(8):
+    # the first run dies at its first removal, the next ones further into the removals
+    for attempt, when in enumerate((1, 2, 40, 150, 300)):
         janitor = Daemon(site.path, "janitor", "--now", "--repo", REPO1,
                          log=tmp_path / f"janitor{attempt}.log")
-        # first kill during the scan, later ones at random points of the removals and gc
-        marker = "cleanup started" if attempt == 0 else "removed "
-        wait_for(lambda j=janitor, m=marker: m in j.log() or j.proc.poll() is not None, 60,
-                 janitor.log)
-        if janitor.proc.poll() is not None:
-            assert janitor.proc.returncode == 0, janitor.log()
-            break
-        time.sleep(rng.uniform(0, 0.02 if attempt == 0 else 0.6))
-        janitor.kill()
+        wait_for(lambda j=janitor: "cleanup started" in j.log() or j.proc.poll() is not None,
+                 60, janitor.log)
+        assert janitor.proc.poll() is None, janitor.log()
+        with Failpoint(janitor.proc.pid, "rename", when) as point:
+            point.wait_hit(120, janitor.log)
+            point.kill()
         janitor.stop()
         present = check_complete_or_absent(site, expected)
         assert present >= set(fresh)  # nothing fresh ever goes
         kills.append(len(present))
-    assert len(kills) >= 4, kills
     assert kills == sorted(kills, reverse=True)
-    assert kills[-1] < len(old) + len(fresh)  # some kills happened after removals began
+    assert kills[0] >= len(old) + len(fresh) - 1  # held at its first removal
+    assert kills[-1] < kills[0]  # and later ones after removals had begun
 
     # a complete run afterwards finishes the job and leaves no debris
     proc = run_userpub(site.path, "janitor", "--now", "--repo", REPO1)
