@@ -7,6 +7,11 @@ needs (small limits keep the bombs small).
 
 Symlink and hard-link attacks aim at ``../sentinel``: put *dest* and a directory named
 ``SENTINEL`` side by side in one parent and check that the sentinel is untouched afterwards.
+
+Symlinks are kept as GNU tar keeps them, wherever they point: ``KEPT_CASES[name]`` are archives
+whose symlinks lead out of the CID directory (absolute, ``..``, chains, on the publisher's own
+names) and must be stored as they are, with ``KEPT_SYMLINKS[name]`` ({path: target}) and no
+byte written through any of them. Only writing *through* a symlink is hostile.
 """
 
 from __future__ import annotations
@@ -195,9 +200,6 @@ _CASES: dict[str, tuple[Callable[[], bytes], str, dict[str, int]]] = {
     "invalid_utf8_name": (_gz([reg(b"caf\xe9.txt")]), "not valid UTF-8", {}),
     "path_too_long": (_gz([reg("/".join(["d" * 200] * 25))]), "too long", {}),
     "component_too_long": (_gz([reg("a/" + "n" * 300)]), "longer than 255", {}),
-    "symlink_escape": (_gz([sym("link", "../" + SENTINEL)]), "escapes the CID directory", {}),
-    "symlink_escape_deep": (_gz([dir_("a/"), sym("a/l", "../../" + SENTINEL)]), "escapes", {}),
-    "symlink_absolute": (_gz([sym("link", "/etc")]), "absolute symlink target", {}),
     "symlink_then_write": (
         _gz([dir_("d/"), sym("link", "d"), reg("link/pwned")]),
         "goes through a symlink",
@@ -205,14 +207,29 @@ _CASES: dict[str, tuple[Callable[[], bytes], str, dict[str, int]]] = {
     ),
     "symlink_escape_then_write": (
         _gz([sym("link", "../" + SENTINEL), reg("link/pwned")]),
-        "escapes",
+        "goes through a symlink",
         {},
     ),
-    "symlink_chain_escape": (
-        _gz([dir_("a/b/"), sym("a/b/up", "../.."), sym("x", "a/b/up/../" + SENTINEL), reg("y")]),
-        "resolves outside",
+    "symlink_absolute_then_write": (
+        _gz([sym("link", "/tmp"), reg("link/pwned")]),
+        "goes through a symlink",
         {},
     ),
+    "symlink_then_dir_below": (
+        _gz([sym("l", "../" + SENTINEL), dir_("l/x/")]),
+        "goes through a symlink",
+        {},
+    ),
+    "symlink_chain_then_write": (
+        _gz([dir_("a/b/"), sym("a/b/up", "../.."), sym("x", "a/b/up/../" + SENTINEL),
+             reg("x/pwned")]),
+        "goes through a symlink",
+        {},
+    ),
+    "symlink_target_empty": (_gz([sym("l", "")]), "symlink target is empty", {}),
+    "symlink_target_del": (_gz([sym("l", "a\x7fb")]), "symlink target contains a control", {}),
+    "symlink_target_c1": (_gz([sym("l", "a\u0085b")]), "symlink target contains a control", {}),
+    "symlink_target_too_long": (_gz([sym("l", "a/" * 2100)]), "symlink target too long", {}),
     "symlink_replaced_by_dir": (
         _gz([dir_("d/"), sym("x", "d"), dir_("x/"), reg("x/pwned")]),
         "would replace a symlink with a directory",
@@ -220,6 +237,11 @@ _CASES: dict[str, tuple[Callable[[], bytes], str, dict[str, int]]] = {
     ),
     "dir_replaced_by_symlink": (
         _gz([dir_("d/"), reg("d/f"), dir_("e/"), sym("d", "e"), reg("d/g")]),
+        "would replace a directory with a symlink",
+        {},
+    ),
+    "dir_replaced_by_escaping_symlink": (
+        _gz([dir_("d/"), reg("d/f"), sym("d", "../" + SENTINEL), reg("d/g")]),
         "would replace a directory with a symlink",
         {},
     ),
@@ -235,6 +257,16 @@ _CASES: dict[str, tuple[Callable[[], bytes], str, dict[str, int]]] = {
     "hardlink_missing": (_gz([hard("h", "nonexistent")]), "not a file extracted earlier", {}),
     "hardlink_to_symlink": (
         _gz([reg("f"), sym("s", "f"), hard("h", "s")]),
+        "not a file extracted earlier",
+        {},
+    ),
+    "hardlink_to_escaping_symlink": (
+        _gz([sym("s", "../" + SENTINEL + "/secret"), hard("h", "s")]),
+        "not a file extracted earlier",
+        {},
+    ),
+    "hardlink_to_absolute_symlink": (
+        _gz([sym("s", "/etc/passwd"), hard("h", "s")]),
         "not a file extracted earlier",
         {},
     ),
@@ -266,3 +298,32 @@ HOSTILE_CASES: dict[str, Callable[[Path], Path]] = {
 }
 EXPECTED_ERRORS: dict[str, str] = {name: err for name, (_, err, _) in _CASES.items()}
 CASE_LIMITS: dict[str, dict[str, int]] = {name: lim for name, (_, _, lim) in _CASES.items() if lim}
+
+
+# Symlinks that lead out of the CID directory, kept as GNU tar keeps them.
+_KEPT: dict[str, tuple[Callable[[], bytes], dict[str, str]]] = {
+    "virtualenv": (
+        _gz([dir_("env/bin/"), sym("env/bin/python", "/usr/bin/python3"),
+             sym("env/bin/python3", "python"), reg("env/bin/activate", b"# venv\n"),
+             sym("env/lib64", "lib"), dir_("env/lib/")]),
+        {"env/bin/python": "/usr/bin/python3", "env/bin/python3": "python",
+         "env/lib64": "lib"}),
+    "escaping": (_gz([sym("link", "../" + SENTINEL), dir_("a/"),
+                      sym("a/l", "../../" + SENTINEL + "/secret"), reg("f", b"data")]),
+                 {"link": "../" + SENTINEL, "a/l": "../../" + SENTINEL + "/secret"}),
+    "absolute": (_gz([sym("etc", "/etc"), sym("passwd", "/etc/passwd"), reg("f", b"data")]),
+                 {"etc": "/etc", "passwd": "/etc/passwd"}),
+    "chain": (_gz([dir_("a/b/"), sym("a/b/up", "../.."), sym("x", "a/b/up/../" + SENTINEL),
+                   reg("y", b"data")]),
+              {"a/b/up": "../..", "x": "a/b/up/../" + SENTINEL}),
+    "reserved_names": (  # the publisher's own names: the user's are dropped, ours written
+        _gz([sym(".publisher", "../" + SENTINEL + "/secret"), sym(".cvmfscatalog", "/etc/passwd"),
+             reg(".publisher/inside", b"dropped"), reg("sub/.publisher", b"kept"),
+             reg("f", b"data")]),
+        {}),
+}
+
+KEPT_CASES: dict[str, Callable[[Path], Path]] = {
+    name: _writer(name + ".tar.gz", make) for name, (make, _) in _KEPT.items()
+}
+KEPT_SYMLINKS: dict[str, dict[str, str]] = {name: links for name, (_, links) in _KEPT.items()}

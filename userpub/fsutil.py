@@ -58,6 +58,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_new_file(path: Path, data: bytes = b"", mode: int = 0o644) -> None:
+    """Create ``path`` with ``data``; FileExistsError if anything (a symlink too) is there.
+
+    Never follows a symlink: what a user's tarball left in a directory cannot redirect it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    finally:
+        os.close(fd)
+
+
 def fsync_file(path: Path) -> None:
     """fsync one file by name."""
     fd = os.open(path, os.O_RDONLY)

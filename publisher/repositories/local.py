@@ -24,7 +24,15 @@ from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
 from publisher.tarball import UnpackLimits, UnpackStats
 from publisher.tarball.unpack import unpack
-from userpub.fsutil import fsync_dir, remove_tree, rename_noreplace, syncfs, tree_size, unique_id
+from userpub.fsutil import (
+    fsync_dir,
+    remove_tree,
+    rename_noreplace,
+    syncfs,
+    tree_size,
+    unique_id,
+    write_new_file,
+)
 
 log = logging.getLogger("userpub.repository.local")
 
@@ -125,8 +133,8 @@ class LocalTransaction:
             if dest.exists():
                 self.repo.move_to_trash(dest, "cid")
             raise
-        (dest / CATALOG_MARKER).touch()
-        (dest / PUBLISHER_RECORD).write_text(f"{submitter}\n")
+        write_new_file(dest / CATALOG_MARKER)  # reserved names: the rules dropped the user's
+        write_new_file(dest / PUBLISHER_RECORD, f"{submitter}\n".encode())
         self._staged.append((cid, dest))
         return stats
 

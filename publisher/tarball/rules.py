@@ -9,12 +9,16 @@ judge the archive exactly as the backend's storage will look. Each violation rai
 * names: no absolute paths, no ``..`` components, no NUL; names and link targets are valid
   UTF-8 without control characters (C0, DEL, C1: e.g. newline); ``.`` and empty components
   are dropped; paths longer than PATH_MAX or components longer than 255 bytes are refused;
-* symlinks: targets are relative and, resolved lexically from the link's directory, stay
-  inside the CID directory; targets with ``..`` after a normal component are resolved again
-  at the end (:meth:`MemberRules.finish`), through the other symlinks, so chains cannot escape;
-* hard links point to a regular file created earlier from the same archive;
-* nothing goes below a file or a symlink, and no type change involves a directory; a later
-  file, symlink or hard link with the name of an earlier one replaces it (tar semantics);
+* symlinks are kept as GNU tar keeps them: any target, absolute or leading out of the CID
+  directory, is stored as it is (a reader resolves it inside its own filesystem: a virtualenv's
+  ``bin/python -> /usr/bin/python3`` works on the worker node); targets must be non-empty,
+  valid UTF-8 without control characters and shorter than PATH_MAX;
+* nothing is ever written *through* a symlink: nothing goes below a file or a symlink, a hard
+  link points to a regular file created earlier from the same archive (never to a symlink),
+  and no type change involves a directory; a later file, symlink or hard link with the name of
+  an earlier one replaces it (tar semantics);
+* the publisher's own top-level names (``.cvmfscatalog``, ``.publisher``) are reserved: members
+  at or below them are dropped (the publisher writes its own);
 * limits: ``max_members`` bounds the entries created (implied parent directories included),
   ``max_bytes`` the regular-file bytes;
 * modes: files 0o644, or 0o755 if any exec bit was set; directories ``mode | 0o755``.
@@ -29,14 +33,15 @@ from dataclasses import dataclass, field
 from publisher.tarball.decompress import UnpackError
 from publisher.tarball.stream import DIR, LNK, REG, SYM, Member, show
 
-__all__ = ["MemberRules", "Placement", "UnpackLimits", "UnpackStats", "check_symlink",
-           "clean_path", "dir_mode", "file_mode"]
+__all__ = ["RESERVED", "MemberRules", "Placement", "UnpackLimits", "UnpackStats",
+           "check_symlink", "clean_path", "dir_mode", "file_mode"]
 
 PATH_MAX = 4096
 NAME_MAX = 255
 _BAD_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 _C1 = re.compile("[\x80-\x9f]")
-_MAX_HOPS = 40  # symlinks followed when resolving one path (as the kernel's ELOOP)
+#: Top-level names the publisher writes itself (the nested-catalog marker, the publisher record).
+RESERVED = (b".cvmfscatalog", b".publisher")
 
 
 @dataclass(frozen=True)
@@ -109,31 +114,17 @@ def clean_path(raw: bytes, member: bytes, root_len: int, what: str = "path") -> 
     return raw
 
 
-def check_symlink(rel: bytes, member: bytes, target: bytes) -> bool:
-    """Check the target of a symlink at the cleaned path *rel*; UnpackError if it is bad.
+def check_symlink(member: bytes, target: bytes) -> None:
+    """Check the target of a symlink; UnpackError if it cannot be stored.
 
-    Returns True when the target has ``..`` after a normal component, so that it must be
-    resolved again once every member exists (symlinks through symlinks).
+    Where it points does not matter (it is resolved on the reader's side); what it is made of
+    does: the tools that list and publish the tree must be able to handle it.
     """
     problem = "is empty" if not target else _char_problem(target)
     if problem:
         raise fail(member, f"symlink target {problem}")
-    if target[:1] == b"/":
-        raise fail(member, f"absolute symlink target {show(target)}")
     if len(target) >= PATH_MAX:
         raise fail(member, "symlink target too long")
-    depth = rel.count(b"/")  # components of the link's directory
-    recheck = normal = False
-    for comp in target.split(b"/"):
-        if comp == b"..":
-            depth -= 1
-            recheck = recheck or normal
-            if depth < 0:
-                raise fail(member, f"symlink target {show(target)} escapes the CID directory")
-        elif comp and comp != b".":
-            depth += 1
-            normal = True
-    return recheck
 
 
 def file_mode(mode: int) -> int:
@@ -167,7 +158,7 @@ class MemberRules:
 
     *root_len* is the length of the path the CID directory will have where readers see it
     (for the PATH_MAX check). Call the method for each member's kind in archive order, act
-    on its :class:`Placement`, then call :meth:`finish`.
+    on its :class:`Placement` (None: nothing to do), then read :meth:`directory_modes`.
     """
 
     root_len: int
@@ -179,8 +170,6 @@ class MemberRules:
     symlinks: int = 0
     hardlinks: int = 0
     nbytes: int = 0
-    _targets: dict[bytes, bytes] = field(default_factory=dict)
-    _recheck: list[tuple[bytes, bytes]] = field(default_factory=list)
     _dir_meta: dict[bytes, tuple[int, int]] = field(default_factory=dict)
 
     def clean(self, raw: bytes, member: bytes, what: str = "path") -> bytes:
@@ -198,7 +187,6 @@ class MemberRules:
         if old is not None:
             if DIR in (old, kind):
                 raise fail(member, f"would replace a {old} with a {kind}")
-            self._targets.pop(rel, None)
             kinds[rel] = kind
             return Placement(rel, replaces=True, target=target)
         self._count(member)
@@ -219,11 +207,18 @@ class MemberRules:
         kinds[rel] = kind
         return Placement(rel, parents=tuple(reversed(missing)), target=target)
 
-    def file(self, m: Member) -> Placement:
-        """A regular file of ``m.size`` bytes."""
+    @staticmethod
+    def reserved(rel: bytes) -> bool:
+        """True for the publisher's own top-level names and anything below them."""
+        return rel.partition(b"/")[0] in RESERVED
+
+    def file(self, m: Member) -> Placement | None:
+        """A regular file of ``m.size`` bytes (None: dropped, its data is to be skipped)."""
         rel = self.clean(m.name, m.name)
         if not rel:
             raise fail(m.name, "a file cannot replace the CID directory")
+        if self.reserved(rel):
+            return None
         if self.nbytes + m.size > self.limits.max_bytes:
             raise fail(m.name, f"unpacked size exceeds the limit of {self.limits.max_bytes} bytes")
         self.nbytes += m.size
@@ -232,8 +227,11 @@ class MemberRules:
         return placed
 
     def directory(self, m: Member) -> Placement | None:
-        """A directory; None when it exists already (its mode and mtime are still recorded)."""
+        """A directory; None when it exists already (its mode and mtime are still recorded) or
+        its name is reserved."""
         rel = self.clean(m.name, m.name)
+        if self.reserved(rel):
+            return None
         placed = None
         if self.kinds.get(rel) != DIR:
             placed = self._place(rel, m.name, DIR)
@@ -241,22 +239,24 @@ class MemberRules:
         self._dir_meta[rel] = (m.mode, m.mtime_ns)
         return placed
 
-    def symlink(self, m: Member) -> Placement:
-        """A symlink; the placement's target is the raw target to create."""
+    def symlink(self, m: Member) -> Placement | None:
+        """A symlink; the placement's target is the raw target to create (None: dropped)."""
         rel = self.clean(m.name, m.name)
         if not rel:
             raise fail(m.name, "a symlink cannot replace the CID directory")
-        recheck = check_symlink(rel, m.name, m.linkname)
+        check_symlink(m.name, m.linkname)
+        if self.reserved(rel):
+            return None
         placed = self._place(rel, m.name, SYM, m.linkname)
-        self._targets[rel] = m.linkname
         self.symlinks += 1
-        if recheck:
-            self._recheck.append((rel, m.name))
         return placed
 
-    def hardlink(self, m: Member) -> Placement:
-        """A hard link; the placement's target is the cleaned path of the file it links to."""
+    def hardlink(self, m: Member) -> Placement | None:
+        """A hard link; the placement's target is the cleaned path of the file it links to
+        (None: dropped)."""
         rel = self.clean(m.name, m.name)
+        if self.reserved(rel):
+            return None
         if not m.linkname:
             raise fail(m.name, "hard link target is empty")
         target = self.clean(m.linkname, m.name, "hard link target")
@@ -270,13 +270,6 @@ class MemberRules:
         self.hardlinks += 1
         return placed
 
-    def finish(self) -> None:
-        """Resolve again the symlinks with ``..`` inside, through the others; raise if one
-        leaves the CID directory."""
-        for rel, raw in self._recheck:
-            if self.kinds.get(rel) == SYM and not self._inside(rel):
-                raise fail(raw, "symlink resolves outside the CID directory")
-
     def directory_modes(self) -> Iterator[tuple[bytes, int, int | None]]:
         """(path, final mode, mtime or None) of every directory the archive described."""
         for rel, (mode, mtime) in self._dir_meta.items():
@@ -288,27 +281,3 @@ class MemberRules:
         return UnpackStats(compression=compression, files=self.files,
                            directories=self.directories, symlinks=self.symlinks,
                            hardlinks=self.hardlinks, bytes=self.nbytes)
-
-    def _inside(self, rel: bytes) -> bool:
-        """Resolve ``rel`` like realpath(3) over the entries so far; False if it leaves."""
-        todo = rel.split(b"/")
-        done: list[bytes] = []
-        hops = 0
-        while todo:
-            comp = todo.pop(0)
-            if comp in (b"", b"."):
-                continue
-            if comp == b"..":
-                if not done:
-                    return False
-                done.pop()
-                continue
-            done.append(comp)
-            target = self._targets.get(b"/".join(done))
-            if target is not None:
-                hops += 1
-                if hops > _MAX_HOPS:
-                    return True  # a loop resolves nowhere: it cannot leave either
-                done.pop()
-                todo = target.split(b"/") + todo
-        return True

@@ -117,7 +117,10 @@ class _Extractor:
         return full
 
     def file(self, m: Member, reader: TarReader) -> None:
-        full = self._prepare(self.rules.file(m))
+        placed = self.rules.file(m)
+        if placed is None:
+            return  # a reserved name: its data is skipped by the reader
+        full = self._prepare(placed)
         mode = file_mode(m.mode)
         fd = os.open(full, _FLAGS, mode)
         if self.fix_modes:
@@ -149,18 +152,21 @@ class _Extractor:
 
     def symlink(self, m: Member, reader: TarReader) -> None:
         placed = self.rules.symlink(m)
+        if placed is None:
+            return
         full = self._prepare(placed)
         os.symlink(placed.target, full)
         os.utime(full, ns=(m.mtime_ns, m.mtime_ns), follow_symlinks=False)
 
     def hardlink(self, m: Member, reader: TarReader) -> None:
         placed = self.rules.hardlink(m)
+        if placed is None:
+            return
         full = self._prepare(placed)
         os.link(self.root + placed.target, full, follow_symlinks=False)
 
     def finish(self) -> None:
-        """Judge the symlinks again, then apply directory modes and mtimes."""
-        self.rules.finish()
+        """Apply directory modes and mtimes."""
         described = {rel: (mode, mtime) for rel, mode, mtime in self.rules.directory_modes()}
         for rel in [*self.dirs, b""]:
             final, mtime = described.get(rel, (0o755, None))

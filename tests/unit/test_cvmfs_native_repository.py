@@ -18,7 +18,7 @@ from publisher.repositories.cvmfs_native.manifest import Whitelist, split_letter
 from publisher.tarball import UnpackLimits
 from publisher.tarball.decompress import UnpackError
 from publisher.tarball.unpack import unpack
-from tests.hostile import CASE_LIMITS, EXPECTED_ERRORS, HOSTILE_CASES, dir_, hard, reg, sym
+from tests.hostile import HOSTILE_CASES, dir_, hard, reg, sym
 from tests.hostile import tar_bytes as hostile_tar
 from tests.unit.test_cvmfs_native_invariants import (
     check_repository,
@@ -308,19 +308,6 @@ def test_large_file_is_chunked_with_the_default_sizes(repo, tmp_path):
 
 def _catalog_of(repo, cid):
     return repo.catalog_of(repo.cid_path(cid), into=True)
-
-
-@pytest.mark.parametrize("case", sorted(HOSTILE_CASES))
-def test_hostile_tarballs_are_refused_like_unpack_does(case, repo, tmp_path):
-    src = HOSTILE_CASES[case](tmp_path)
-    limits = UnpackLimits(**CASE_LIMITS.get(case, {}))
-    with pytest.raises(UnpackError) as on_disk:
-        unpack(src, tmp_path / "dest", limits)
-    with repo.transaction() as txn, pytest.raises(UnpackError) as native:
-        txn.add("c", src, "me", limits)
-    assert EXPECTED_ERRORS[case] in str(native.value)
-    assert str(native.value) == str(on_disk.value)
-    assert not repo.contains("c")
 
 
 QUIRKS = [  # valid archives with surprises: both backends must show the same tree

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,16 +60,24 @@ def test_the_fuzz_oracle_catches_what_it_must(
     def crashing(source: Path, dest: Path, limits: object) -> None:
         raise ValueError("not an UnpackError")
 
-    def resolving_outside(source: Path, dest: Path, limits: object) -> None:
+    def writing_through_a_symlink(source: Path, dest: Path, limits: object) -> None:
         dest.mkdir()
-        os.symlink("../sentinel/secret", dest / "link")
+        os.symlink("../sentinel", dest / "link")  # kept: symlinks may point anywhere ...
+        (dest / "link" / "pwned").write_text("x")  # ... but nothing goes through one
+
+    def special_file(source: Path, dest: Path, limits: object) -> None:
+        dest.mkdir()
+        os.mkfifo(dest / "pipe")
 
     for bad, error in ((escaping, AssertionError), (crashing, ValueError),
-                       (resolving_outside, AssertionError)):
+                       (writing_through_a_symlink, AssertionError),
+                       (special_file, AssertionError)):
         monkeypatch.setattr(fuzz_unpack, "unpack", bad)
         with pytest.raises(error):
             sandbox.run(good)
         (sandbox.parent / "evil").unlink(missing_ok=True)
+        (sandbox.parent / "sentinel" / "pwned").unlink(missing_ok=True)
+        shutil.rmtree(sandbox.dest, ignore_errors=True)
     (sandbox.secret).write_bytes(b"changed")
     monkeypatch.setattr(fuzz_unpack, "unpack", lambda s, d, lim: None)
     with pytest.raises(AssertionError, match="sentinel"):

@@ -60,6 +60,8 @@ class TreeBuilder:
         """Apply one member (consuming its data)."""
         if m.kind == REG:
             placed = self.rules.file(m)
+            if placed is None:
+                return  # a reserved name: its data is skipped by the reader
             self._prepare(placed)
             data = FileData(m.size, file_mode(m.mode), m.mtime_ns)
             self._store(data, reader)
@@ -70,15 +72,19 @@ class TreeBuilder:
                 self._prepare(dir_placed)
                 self._link(dir_placed.rel, Dir(0o755, self.now_ns))
         elif m.kind == SYM:
-            placed = self.rules.symlink(m)
-            self._prepare(placed)
-            self._link(placed.rel, Symlink(placed.target, m.mtime_ns))
+            link = self.rules.symlink(m)
+            if link is not None:
+                self._prepare(link)
+                self._link(link.rel, Symlink(link.target, m.mtime_ns))
         elif m.kind == LNK:
-            placed = self.rules.hardlink(m)
-            self._prepare(placed)
-            node = self.nodes[placed.target]
+            hard = self.rules.hardlink(m)
+            if hard is None:
+                return
+            self._prepare(hard)
+            node = self.nodes[hard.target]
             assert isinstance(node, File)
-            self._link(placed.rel, File(node.data))
+            self._link(hard.rel, File(node.data))
+            return
         else:  # pragma: no cover - TarReader reports only these kinds
             raise ValueError(f"unsupported member kind {m.kind}")
 
@@ -105,8 +111,7 @@ class TreeBuilder:
 
     # -- the end ------------------------------------------------------------------------------
     def finish(self, compression: str) -> BuildResult:
-        """Judge the symlinks again, apply directory modes and mtimes."""
-        self.rules.finish()
+        """Apply directory modes and mtimes."""
         for rel, mode, mtime in self.rules.directory_modes():
             node = self.nodes[rel]
             assert isinstance(node, Dir)

@@ -12,8 +12,9 @@ from us is not the user's archive but a canonical one rewritten from it:
 * each accepted member is written anew as a plain pax member (cleaned name, the modes the
   unpacker would give, mtime, data): ingest's parser never interprets a hostile header, an
   odd encoding or a size field differently from us, because it never sees one;
-* the user's own top-level ``.publisher`` / ``.cvmfscatalog`` are dropped, and our publisher
-  record is appended as the last member, so the CID appears complete in one ingest.
+* the user's own top-level ``.publisher`` / ``.cvmfscatalog`` are dropped (reserved names of the
+  rules), and our publisher record is appended as the last member, so the CID appears complete
+  in one ingest.
 """
 
 from __future__ import annotations
@@ -24,22 +25,14 @@ import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
-from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD
+from publisher.repositories.tree import PUBLISHER_RECORD
 from publisher.tarball.decompress import detect_compression, open_chunks
-from publisher.tarball.rules import (
-    MemberRules,
-    UnpackLimits,
-    UnpackStats,
-    dir_mode,
-    fail,
-    file_mode,
-)
-from publisher.tarball.stream import BLOCK, DIR, LNK, REG, SYM, Member, TarReader, show
+from publisher.tarball.rules import MemberRules, UnpackLimits, UnpackStats, dir_mode, file_mode
+from publisher.tarball.stream import BLOCK, DIR, LNK, REG, SYM, Member, TarReader
 
 __all__ = ["IngestStream"]
 
 _PIECE = 1 << 20  # bytes of file data read at a time (a multiple of 512)
-_OURS = (PUBLISHER_RECORD.encode(), CATALOG_MARKER.encode())
 _TYPES = {REG: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYM: tarfile.SYMTYPE, LNK: tarfile.LNKTYPE}
 
 
@@ -86,7 +79,6 @@ class IngestStream:
                                    self.limits.max_bytes)
                 for member in reader:
                     yield from self._member(member, reader)
-        self.rules.finish()
         yield _record(self.submitter)
         yield bytes(2 * BLOCK)
 
@@ -95,13 +87,13 @@ class IngestStream:
         return self.rules.stats(self.compression)
 
     def _member(self, m: Member, reader: TarReader) -> Iterator[bytes]:
-        """The canonical form of one judged member (nothing for our own records)."""
+        """The canonical form of one judged member (nothing for a dropped one)."""
         rules = self.rules
         if m.kind == REG:
-            rel = rules.file(m).rel
-            if rel in _OURS:
+            placed = rules.file(m)
+            if placed is None:
                 return  # the data is skipped by the reader
-            yield _header(rel, REG, file_mode(m.mode), m.mtime_ns, m.size)
+            yield _header(placed.rel, REG, file_mode(m.mode), m.mtime_ns, m.size)
             left = m.size
             while left:
                 piece = min(left, _PIECE)
@@ -109,18 +101,15 @@ class IngestStream:
                 left -= piece
             yield _padding(m.size)
         elif m.kind == DIR:
-            placed = rules.directory(m)
-            rel = placed.rel if placed is not None else rules.clean(m.name, m.name)
-            if rel:
+            rules.directory(m)  # judged (an existing one is described again: its mode, mtime)
+            rel = rules.clean(m.name, m.name)
+            if rel and not rules.reserved(rel):
                 yield _header(rel, DIR, dir_mode(m.mode), m.mtime_ns)
         elif m.kind == SYM:
-            placed = rules.symlink(m)
-            if placed.rel not in _OURS:
-                yield _header(placed.rel, SYM, 0o777, m.mtime_ns, linkname=placed.target)
+            link = rules.symlink(m)
+            if link is not None:
+                yield _header(link.rel, SYM, 0o777, m.mtime_ns, linkname=link.target)
         elif m.kind == LNK:
-            placed = rules.hardlink(m)
-            if placed.target in _OURS:
-                raise fail(m.name, f"hard link to {show(placed.target)}, which is replaced by "
-                                   "the publisher's own record")
-            if placed.rel not in _OURS:
-                yield _header(placed.rel, LNK, 0o644, m.mtime_ns, linkname=placed.target)
+            hard = rules.hardlink(m)
+            if hard is not None:
+                yield _header(hard.rel, LNK, 0o644, m.mtime_ns, linkname=hard.target)

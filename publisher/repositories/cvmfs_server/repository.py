@@ -40,7 +40,7 @@ from publisher.repositories.cvmfs_server.subprocess_log import CommandResult, ru
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD, TreeReader
 from publisher.tarball import UnpackError, UnpackLimits, UnpackStats
 from publisher.tarball.unpack import unpack
-from userpub.fsutil import remove_tree, rename_noreplace, tree_size, unique_id
+from userpub.fsutil import remove_tree, rename_noreplace, tree_size, unique_id, write_new_file
 
 log = logging.getLogger("userpub.repository.cvmfs_server")
 
@@ -191,8 +191,8 @@ class CvmfsServerTransaction:
             hidden = parent / f".userpub-{unique_id()}"
             try:
                 stats = unpack(payload, hidden, limits)
-                (hidden / CATALOG_MARKER).touch()
-                (hidden / PUBLISHER_RECORD).write_text(f"{submitter}\n")
+                write_new_file(hidden / CATALOG_MARKER)  # the rules dropped the user's
+                write_new_file(hidden / PUBLISHER_RECORD, f"{submitter}\n".encode())
             except BaseException:
                 remove_tree(hidden)
                 for directory in sorted(made, key=lambda p: len(p.parts), reverse=True):
