@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from ingest import handlers
 from ingest.auth import Authenticator
 from ingest.handlers import Api
+from ingest.readiness import Readiness
 from ingest.responses import CID, IDENTITY, RECEIVED, ROUTE, TEXT_HEADERS, reply
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
@@ -96,13 +97,13 @@ def _route(app: ApiApp, path: str, name: str, handler: Handler, method: str = "G
 
 
 def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetrics,
-             authenticator: Authenticator) -> bottle.Bottle:
+             authenticator: Authenticator, readiness: Readiness) -> bottle.Bottle:
     """The HTTPS API."""
     if config.ingest is None:
         raise ValueError("the configuration has no [ingest] section")
     api = Api(config, config.ingest, spool, catalog, metrics, authenticator)
     app = ApiApp(metrics)
-    _route(app, "/pubapi/ping", "ping", handlers.ping)
+    _route(app, "/pubapi/ping", "ping", partial(handlers.ping, readiness))
     _route(app, "/pubapi/config", "config", lambda environ: handlers.config_answer(config))
     _route(app, "/pubapi/exists", "exists", partial(handlers.exists, api))
     _route(app, "/pubapi/update", "update", partial(handlers.update, api))
@@ -111,11 +112,11 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
     return app
 
 
-def make_plain_app(config: Config, metrics: IngestMetrics, registry: CollectorRegistry
-                   ) -> bottle.Bottle:
+def make_plain_app(config: Config, metrics: IngestMetrics, registry: CollectorRegistry,
+                   readiness: Readiness) -> bottle.Bottle:
     """The plain-HTTP listener: ``/pubapi/ping``, ``/pubapi/config`` and ``/metrics`` only."""
     app = ApiApp(metrics)
-    _route(app, "/pubapi/ping", "ping", handlers.ping)
+    _route(app, "/pubapi/ping", "ping", partial(handlers.ping, readiness))
     _route(app, "/pubapi/config", "config", lambda environ: handlers.config_answer(config))
     _route(app, "/metrics", "metrics", lambda environ: handlers.metrics_answer(registry))
     return app

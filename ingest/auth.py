@@ -324,22 +324,22 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
-            raise AuthError("bad_token", "Bad token: not a JWT") from None
+            raise AuthError("bad_token", "Error decoding token: not a JWT") from None
         iss = unverified.get("iss")
         entry = self.issuers.get(iss.rstrip("/")) if isinstance(iss, str) else None
         if entry is None:
-            raise AuthError("untrusted_issuer", "Bad token: issuer not accepted", str(iss)[:200])
+            raise AuthError("untrusted_issuer", "Untrusted token issuer", str(iss)[:200])
         alg = header.get("alg")
         if alg not in TOKEN_ALGORITHMS:
-            raise AuthError("bad_token", "Bad token: signature algorithm not accepted")
+            raise AuthError("bad_token", "Error decoding token: signature algorithm not accepted")
         kid = header.get("kid")
         keys = self._keys(entry, kid if isinstance(kid, str) else None)
         if not keys:
-            raise AuthError("bad_token", "Bad token: unknown signing key")
+            raise AuthError("bad_token", "Error decoding token: unknown signing key")
         claims = self._decode(token, keys, str(iss), str(alg))
         scopes = str(claims.get("scope", "")).split()
         if REQUIRED_SCOPE not in scopes:
-            raise AuthError("missing_scope", f"Bad token: scope {REQUIRED_SCOPE} required")
+            raise AuthError("missing_scope", f"{REQUIRED_SCOPE} scope missing from token")
         sub = str(claims["sub"])
         return Identity(f"{sub}@{iss}", sub, "token")
 
@@ -352,18 +352,18 @@ class TokenVerifier:
                     leeway=self.leeway, options={"require": ["iss", "sub", "exp", "iat", "aud"]})
                 return claims
             except jwt.ExpiredSignatureError:
-                raise AuthError("expired", "Bad token: expired") from None
+                raise AuthError("expired", "Error decoding token: expired") from None
             except (jwt.InvalidAudienceError, jwt.MissingRequiredClaimError) as err:
                 if isinstance(err, jwt.MissingRequiredClaimError) and err.claim != "aud":
-                    raise AuthError("bad_token", f"Bad token: no {err.claim} claim") from None
-                raise AuthError("wrong_audience", "Bad token: audience not accepted") from None
+                    raise AuthError("bad_token", f"Error decoding token: no {err.claim} claim") from None
+                raise AuthError("wrong_audience", "Error decoding token: audience not accepted") from None
             except jwt.ImmatureSignatureError:
-                raise AuthError("bad_token", "Bad token: not valid yet") from None
+                raise AuthError("bad_token", "Error decoding token: not valid yet") from None
             except jwt.InvalidSignatureError:
-                failure = AuthError("bad_token", "Bad token: bad signature")
+                failure = AuthError("bad_token", "Error decoding token: bad signature")
             except jwt.PyJWTError as err:
-                raise AuthError("bad_token", f"Bad token: {err}") from None
-        raise failure or AuthError("bad_token", "Bad token: bad signature")
+                raise AuthError("bad_token", f"Error decoding token: {err}") from None
+        raise failure or AuthError("bad_token", "Error decoding token: bad signature")
 
 
 # -- both -------------------------------------------------------------------------------------
@@ -392,11 +392,13 @@ class Authenticator:
         """Bearer token if one is sent, else the client certificate chain."""
         header = str(environ.get("HTTP_AUTHORIZATION", ""))
         if header:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthError("bad_token", "Unsupported Authorization header")
+            scheme, space, token = header.partition(" ")
+            if not space:
+                raise AuthError("bad_token", "Failure to parse Authorization")
+            if scheme.lower() != "bearer":
+                raise AuthError("bad_token", "Unrecognized authorization scheme")
             if self.tokens is None:
-                raise AuthError("untrusted_issuer", "Bad token: tokens are not accepted here")
+                raise AuthError("untrusted_issuer", "Untrusted token issuer")
             return self.tokens.verify(token.strip())
         chain = chain_from_environ(environ)
         if chain:
@@ -407,7 +409,7 @@ class Authenticator:
             return Identity(dn, account, "x509")
         if self.localhost_trusted and _is_loopback(str(environ.get("REMOTE_ADDR", ""))):
             return Identity("localhost", "localhost", "localhost")
-        raise AuthError("no_credentials", "Client cert required")
+        raise AuthError("no_credentials", "Token or client cert required")
 
 
 def _is_loopback(address: str) -> bool:

@@ -18,13 +18,14 @@ import bottle
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.auth import Authenticator, AuthError, Identity
+from ingest.readiness import Readiness
 from ingest.responses import CID, IDENTITY, bad_request, reply
 from ingest.upload import free_bytes, insufficient_storage, receive, too_large
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
 from spool import DropResult, Spool, State
 from userpub.config import Config, IngestConfig
-from userpub_client.cid import InvalidCid, validate_cid
+from userpub_client.cid import InvalidCid, normalize_cid
 
 __all__ = ["Api", "config_answer", "exists", "metrics_answer", "ping", "publish", "status",
            "update"]
@@ -61,7 +62,7 @@ class Api:
             raise bad_request(f"{route} with no cid")
         environ[CID] = values[0]
         try:
-            return validate_cid(values[0])
+            return normalize_cid(values[0])
         except InvalidCid as err:
             raise bad_request(str(err)) from None
 
@@ -75,8 +76,13 @@ class Api:
                        metrics=self.metrics, room=self.has_room)
 
 
-def ping(environ: dict[str, Any]) -> bottle.HTTPResponse:
-    """``GET /pubapi/ping``: OK."""
+def ping(readiness: Readiness, environ: dict[str, Any]) -> bottle.HTTPResponse:
+    """``GET /pubapi/ping``: OK while this host can accept and publish; else the original's
+    "not running" answer, so that health checks take the host out."""
+    problem = readiness.problem()
+    if problem is not None:
+        environ[IDENTITY] = f"not ready: {problem}"
+        return bad_request("Service not running")
     return reply("200 OK", "OK\n")
 
 

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from ingest.app import make_app, make_plain_app
 from ingest.auth import CHAIN_PREFIX, Authenticator
 from ingest.connection import connection_class
+from ingest.readiness import Readiness
 from ingest.stratum0 import with_stratum0
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
@@ -184,6 +185,7 @@ class IngestServer:
         self.threads: list[threading.Thread] = []
         self.failure: BaseException | None = None
         self.adapter: GridSSLAdapter | None = None
+        self.readiness: Readiness | None = None
 
     def _server(self, address: tuple[str, int], app: Any, threads: int, body_limit: int
                 ) -> wsgi.Server:
@@ -218,15 +220,17 @@ class IngestServer:
             raise IngestError(f"grid-mapfile {self.cfg.grid_mapfile}: {err.strerror}") from None
         self.adapter = GridSSLAdapter(self.cfg)
         catalog = Catalog.from_config(self.config)
-        app = make_app(self.config, spool, catalog, self.metrics, self.authenticator)
+        self.readiness = Readiness(self.config, spool)
+        app = make_app(self.config, spool, catalog, self.metrics, self.authenticator,
+                       self.readiness)
         https = self._server(split_address(self.cfg.listen), app, self.cfg.threads,
                              self.cfg.max_upload_bytes)
         https.ssl_adapter = self.adapter
         self.servers.append(("https", https))
         if self.cfg.http_listen:
             # ping, config and /metrics; and the cvmfs-native repositories hosted here
-            plain_app = with_stratum0(make_plain_app(self.config, self.metrics, self.registry),
-                                      self.config)
+            plain_app = with_stratum0(make_plain_app(self.config, self.metrics, self.registry,
+                                                     self.readiness), self.config)
             plain = self._server(split_address(self.cfg.http_listen), plain_app, 4,
                                  PLAIN_MAX_BODY)
             self.servers.append(("http", plain))
@@ -283,6 +287,8 @@ class IngestServer:
 
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to socket_timeout), join threads."""
+        if self.readiness is not None:
+            self.readiness.stop()  # a ping in flight answers "not running" from now on
         for _, srv in reversed(self.servers):
             if srv.ready:
                 srv.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -9,8 +10,12 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from userpub.config import Config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,3 +155,22 @@ def tree_listing(root: Path) -> dict[str, bytes | str]:
             else:
                 out[rel] = full.read_bytes()
     return out
+
+
+@contextlib.contextmanager
+def publishers_alive(config: Config) -> Iterator[None]:
+    """Hold every hosted repository's lifetime lock, as running publishers do (for tests of
+    the ingest alone, whose ping answers OK only while a publisher runs)."""
+    from filelock import FileLock
+
+    from userpub.locks import lock_path
+
+    config.lock_dir.mkdir(parents=True, exist_ok=True)
+    locks = [FileLock(lock_path(config, repo.name)) for repo in config.hosted]
+    for lock in locks:
+        lock.acquire(timeout=10)
+    try:
+        yield
+    finally:
+        for lock in locks:
+            lock.release()

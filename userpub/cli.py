@@ -13,7 +13,7 @@ from userpub import __version__
 from userpub.config import Config, ConfigError, load_config, resolve_config_path
 from userpub.daemon import Waker, install_signal_handlers, run_daemon
 from userpub.errors import Fatal, ServiceError
-from userpub_client.cid import InvalidCid, validate_cid
+from userpub_client.cid import InvalidCid, normalize_cid
 
 log = logging.getLogger("userpub")
 
@@ -153,7 +153,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.cid is not None:
-        validate_cid(args.cid)
+        normalize_cid(args.cid)
     source = Path(args.tarball)
     if not source.is_file():
         raise Fatal(f"{source}: not a file")
@@ -171,7 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from spool import Spool, State
 
     config = _config(args)
-    cid = validate_cid(args.cid)
+    cid = normalize_cid(args.cid)
     status = Spool(config.server.spool).status(cid)
     if status.state is State.QUEUED:
         print("QUEUED")

@@ -1,12 +1,20 @@
 """Content IDs (CIDs): the grammar (the one copy; the server imports it from here).
 
 A CID names one published tree, ``<repository>/<prefix>/<cid>``; jobsub_lite uses
-``<group>/<sha256 of the tarball>``. The rules are those of the original cvmfs-user-pub
-(normalised path, no leading ``.``, at most one ``/``, no ``'`` or ``\\``) plus: printable ASCII
-only, no ``..`` or empty components, at most 255 characters.
+``<group>/<sha256 of the tarball>``, justIN ``<group>/<sha1 of the tarball>``.
+
+:func:`normalize_cid` takes what a client sent and answers as the original cvmfs-user-pub
+does: the path is normalised (``a//b`` is ``a/b``, a trailing ``/`` and ``.`` components go),
+then refused, in the original's words, when it starts with ``.``, holds ``'`` or ``\\``, or has
+more than one ``/``. Our own rules come after, in the same style: no ``..`` (the original's
+normalisation silently turned ``a/../b`` into another CID), not absolute, printable ASCII only,
+no component starting with ``.`` (those names are the publisher's and CVMFS's own), at most
+255 characters. :func:`validate_cid` accepts only the normal form: one CID, one spelling.
 """
 
 from __future__ import annotations
+
+import posixpath
 
 MAX_CID_LENGTH = 255
 
@@ -18,34 +26,38 @@ class InvalidCid(ValueError):  # noqa: N818 (the name reads as the answer)
     """A CID that breaks the rules; ``str()`` is a one-line reason for the user."""
 
 
-def validate_cid(cid: str) -> str:
-    """Return ``cid`` if it is valid, else raise :class:`InvalidCid` with the reason.
+def normalize_cid(raw: str) -> str:
+    """The normal form of the CID ``raw``, or :class:`InvalidCid` with the reason.
 
-    A CID is not normalised silently: ``a//b`` or ``a/./b`` are refused rather than
-    rewritten, so that one CID has exactly one spelling everywhere.
+    The reasons shared with the original are its exact words (``cid may not start with "."``,
+    ``disallowed character in cid``, ``at most one slash allowed in cid``).
     """
-    if not cid:
+    if not raw:
         raise InvalidCid("empty cid")
+    if ".." in raw.split("/"):
+        raise InvalidCid('cid may not contain ".." components')
+    cid = posixpath.normpath(raw)
+    if cid.startswith("."):
+        raise InvalidCid('cid may not start with "."')
+    if any(c not in _PRINTABLE or c in _FORBIDDEN for c in cid):
+        raise InvalidCid("disallowed character in cid")
+    if cid.startswith("/"):
+        raise InvalidCid('cid may not start with "/"')
+    parts = cid.split("/")
+    if len(parts) > 2:
+        raise InvalidCid("at most one slash allowed in cid")
+    if any(part.startswith(".") for part in parts):
+        raise InvalidCid('cid components may not start with "."')
     if len(cid) > MAX_CID_LENGTH:
         raise InvalidCid(f"cid longer than {MAX_CID_LENGTH} characters")
-    bad = sorted({c for c in cid if c not in _PRINTABLE or c in _FORBIDDEN})
-    if bad:
-        shown = ", ".join(repr(c) for c in bad[:5])
-        raise InvalidCid(f"cid contains forbidden characters: {shown}")
-    if cid.startswith("/"):
-        raise InvalidCid("cid must not be an absolute path")
-    if cid.startswith("."):
-        raise InvalidCid("cid must not start with '.'")
-    parts = cid.split("/")
-    for part in parts:
-        if part == "":
-            raise InvalidCid("cid has an empty path component")
-        if part in (".", ".."):
-            raise InvalidCid("cid must not contain '.' or '..' components")
-        if part.startswith("."):
-            raise InvalidCid("cid components must not start with '.'")
-    if len(parts) > 2:
-        raise InvalidCid("cid may contain at most one '/'")
+    return cid
+
+
+def validate_cid(cid: str) -> str:
+    """Return ``cid`` if it is a valid CID in normal form, else raise :class:`InvalidCid`."""
+    normal = normalize_cid(cid)
+    if normal != cid:
+        raise InvalidCid(f"cid is not in normal form (it would be {normal})")
     return cid
 
 

@@ -27,7 +27,7 @@ from userpub_client.api import (
     UnavailableError,
     servers_from,
 )
-from userpub_client.cid import InvalidCid, validate_cid
+from userpub_client.cid import InvalidCid, normalize_cid
 from userpub_client.credentials import (
     CredentialError,
     ca_locations,
@@ -257,7 +257,7 @@ def _client(args: argparse.Namespace, say: Say) -> int:
         size = check_tarball(tarball)
         if args.cid is None and not args.group:
             raise ClientError("give --group GROUP (or --cid CID): the CID is GROUP/<sha256>")
-        cid = validate_cid(args.cid or tarball_cid(tarball, args.group))
+        cid = normalize_cid(args.cid or tarball_cid(tarball, args.group))
         api = make_api(args, say)
         progress = Progress(size, sys.stderr, enabled=None if args.progress == "auto"
                             else args.progress == "always")
@@ -271,7 +271,7 @@ def _client(args: argparse.Namespace, say: Say) -> int:
         api = make_api(args, say)
         print(",".join(api.config()) if op == "config" else api.ping())
         return Exit.OK
-    cid = validate_cid(args.cid)
+    cid = normalize_cid(args.cid)
     api = make_api(args, say)
     if op == "status" and args.wait:
         answer = follow(api, cid, timeout=args.timeout, say=say)
@@ -320,7 +320,7 @@ def run_cid(args: argparse.Namespace) -> int:
         _error(f"{path}: not a file")
         return Exit.ERROR
     try:
-        print(validate_cid(tarball_cid(path, args.group)))
+        print(normalize_cid(tarball_cid(path, args.group)))
     except (TarballError, InvalidCid) as err:
         _error(str(err))
         return Exit.ERROR
@@ -357,7 +357,7 @@ def run_wait(args: argparse.Namespace) -> int:
         _error("--interval must be positive and --timeout not negative")
         return Exit.USAGE
     try:
-        cid = validate_cid(args.cid)
+        cid = normalize_cid(args.cid)
     except InvalidCid as err:
         _error(str(err))
         return Exit.ERROR

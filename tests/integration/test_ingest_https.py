@@ -18,7 +18,7 @@ import requests
 
 from devsite.pki import make_proxy
 from spool import Spool
-from tests.helpers import wait_for
+from tests.helpers import publishers_alive, wait_for
 from tests.pki import STRANGER_DN, TestPKI, ingest_config, running_ingest
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -69,7 +69,7 @@ class Site:
 @pytest.fixture
 def site(tmp_path, pki):
     config = ingest_config(tmp_path / "site", pki)
-    with running_ingest(config) as (bound, server):
+    with publishers_alive(config), running_ingest(config) as (bound, server):
         yield Site(config, bound, server, pki)
 
 
@@ -147,7 +147,7 @@ def test_plain_listener_serves_ping_config_and_metrics_only(site):
     ("stranger", 403, "Unrecognized DN\n"),
     ("limited", 403, "Limited proxies are not accepted\n"),
     ("limited_child", 403, "Limited proxies are not accepted\n"),
-    (None, 403, "Client cert required\n"),
+    (None, 403, "Token or client cert required\n"),
 ])
 def test_identities(site, cred, status, body):
     r = site.get("/pubapi/exists?cid=grp/x", cred=cred)

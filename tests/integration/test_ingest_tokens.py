@@ -70,17 +70,17 @@ def test_valid_token_publishes(site, pki, issuers):
 def test_unlisted_issuer_is_refused_and_never_contacted(site, pki, issuers):
     evil = issuers.issuers["evil"]
     r = call(site, pki, evil.token(audience=AUD))
-    assert (r.status_code, r.text) == (403, "Bad token: issuer not accepted\n")
+    assert (r.status_code, r.text) == (403, "Untrusted token issuer\n")
     assert not [p for p in issuers.requests if p.startswith("/evil")]
     assert failures(site, "untrusted_issuer") == 1
 
 
 @pytest.mark.parametrize(("claims", "audience", "reason", "message"), [
-    ({}, "https://other.example.org", "wrong_audience", "Bad token: audience not accepted"),
+    ({}, "https://other.example.org", "wrong_audience", "Error decoding token: audience not accepted"),
     ({"exp": int(time.time()) - 300, "iat": int(time.time()) - 900}, AUD, "expired",
-     "Bad token: expired"),
+     "Error decoding token: expired"),
     ({"scope": "storage.read:/ compute.read"}, AUD, "missing_scope",
-     "Bad token: scope compute.create required"),
+     "compute.create scope missing from token"),
 ])
 def test_refused_tokens(site, pki, issuers, claims, audience, reason, message):
     r = call(site, pki, issuers.issuers["good"].token(claims, audience=audience))
@@ -92,13 +92,13 @@ def test_bad_signature(site, pki, issuers):
     forged = issuers.issuers["good"].token(audience=AUD,
                                            key=ec.generate_private_key(ec.SECP256R1()))
     r = call(site, pki, forged)
-    assert (r.status_code, r.text) == (403, "Bad token: bad signature\n")
+    assert (r.status_code, r.text) == (403, "Error decoding token: bad signature\n")
     assert failures(site, "bad_token") == 1
 
 
 def test_garbage_bearer(site, pki):
     r = call(site, pki, "definitely-not-a-jwt")
-    assert (r.status_code, r.text) == (403, "Bad token: not a JWT\n")
+    assert (r.status_code, r.text) == (403, "Error decoding token: not a JWT\n")
 
 
 def test_token_and_certificate_together_token_wins(site, pki, issuers):

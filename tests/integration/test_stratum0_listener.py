@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from tests.helpers import make_tarball, run_userpub, write_config
+from tests.helpers import make_tarball, publishers_alive, run_userpub, write_config
 from tests.pki import IngestProcess, TestPKI
 from userpub.config import load_config
 
@@ -30,7 +30,8 @@ def test_plain_listener_serves_the_stratum0_that_verifies(tmp_path):
         base = f"http://{server.http}"
         with urllib.request.urlopen(f"{base}/cvmfs/{REPO}/.cvmfspublished", timeout=10) as r:
             assert r.status == 200 and int(r.headers["Cache-Control"].split("=")[-1]) <= 61
-        with urllib.request.urlopen(f"{base}/pubapi/ping", timeout=10) as r:
+        with publishers_alive(config), \
+                urllib.request.urlopen(f"{base}/pubapi/ping", timeout=10) as r:
             assert r.read() == b"OK\n"  # the API routes are still there
         key = str(config.server.state / "keys" / f"{REPO}.pub")
         url = f"{base}/cvmfs/{REPO}"
