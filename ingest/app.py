@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from ingest import handlers
 from ingest.auth import Authenticator
-from ingest.handlers import Api
+from ingest.handlers import Api, StampLimiter
 from ingest.readiness import Readiness
 from ingest.responses import CID, IDENTITY, RECEIVED, ROUTE, TEXT_HEADERS, reply
 from metrics import IngestMetrics
@@ -28,12 +29,13 @@ from publisher.repositories.catalog import Catalog
 from spool import Spool
 from userpub.config import Config
 
-__all__ = ["ApiApp", "make_app", "make_plain_app"]
+__all__ = ["ApiApp", "make_app", "make_plain_app", "with_apache_paths"]
 
 log = logging.getLogger("userpub.ingest.access")
 
 StartResponse = Callable[..., Any]
 Handler = Callable[[dict[str, Any]], bottle.HTTPResponse]
+_SLASHES = re.compile("/{2,}")
 
 class ApiApp(bottle.Bottle):  # type: ignore[misc]
     """Bottle with an access-log line and metrics per request, and plain-text errors."""
@@ -96,12 +98,30 @@ def _route(app: ApiApp, path: str, name: str, handler: Handler, method: str = "G
     app.route(path, method, callback)
 
 
+def with_apache_paths(app: Any) -> Any:
+    """A WSGI wrapper routing paths as Apache serves them: runs of ``/`` merged and a trailing
+    ``/`` dropped, so ``//pubapi/x``, ``/pubapi//x`` and ``/pubapi/x/`` reach ``/pubapi/x``."""
+
+    def wrapped(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = str(environ.get("PATH_INFO", ""))
+        merged = _SLASHES.sub("/", path)
+        if len(merged) > 1 and merged.endswith("/"):
+            merged = merged[:-1]
+        if merged != path:
+            environ["PATH_INFO"] = merged
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
+
+    return wrapped
+
+
 def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetrics,
              authenticator: Authenticator, readiness: Readiness) -> bottle.Bottle:
     """The HTTPS API."""
     if config.ingest is None:
         raise ValueError("the configuration has no [ingest] section")
-    api = Api(config, config.ingest, spool, catalog, metrics, authenticator)
+    api = Api(config, config.ingest, spool, catalog, metrics, authenticator,
+              StampLimiter(config.ingest.stamp_on_exists_seconds))
     app = ApiApp(metrics)
     _route(app, "/pubapi/ping", "ping", partial(handlers.ping, readiness))
     _route(app, "/pubapi/config", "config", lambda environ: handlers.config_answer(config))

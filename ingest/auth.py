@@ -79,6 +79,11 @@ class Identity:
     name: str
     account: str
     method: str  # "x509", "token" or "localhost"
+    groups: tuple[str, ...] = ()  # a token's wlcg.groups
+
+    def is_one_of(self, names: tuple[str, ...]) -> bool:
+        """True when ``names`` holds this caller's account, subject or one of its groups."""
+        return self.account in names or self.name in names or any(g in names for g in self.groups)
 
     @property
     def submitter(self) -> str:
@@ -341,7 +346,9 @@ class TokenVerifier:
         if REQUIRED_SCOPE not in scopes:
             raise AuthError("missing_scope", f"{REQUIRED_SCOPE} scope missing from token")
         sub = str(claims["sub"])
-        return Identity(f"{sub}@{iss}", sub, "token")
+        groups = claims.get("wlcg.groups", [])
+        return Identity(f"{sub}@{iss}", sub, "token",
+                        tuple(str(g) for g in groups) if isinstance(groups, list) else ())
 
     def _decode(self, token: str, keys: list[jwt.PyJWK], iss: str, alg: str) -> dict[str, Any]:
         failure: AuthError | None = None

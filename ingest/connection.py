@@ -14,6 +14,10 @@
   within ``socket_timeout`` plus one second per ``MIN_RATE`` bytes. The socket timeout
   alone bounds each receive, so a client trickling a byte at a time could hold a worker
   thread for ever.
+* Paths are taken as Apache serves them: runs of ``/`` in the request-target's path are merged
+  before cheroot parses it (``GET //pubapi/exists`` -- every justIN call -- would otherwise be
+  taken for an absolute URI and refused before the application sees it); see
+  :func:`merge_slashes`.
 * A connection closed while the client is still sending its body lingers: what arrives is
   read and discarded for up to ``LINGER_SECONDS``, so that clients which send the whole body
   before reading (python-requests) see the 413 or 403 instead of a connection reset.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -32,7 +37,7 @@ from cheroot import server as cheroot_server
 from cheroot.makefile import MakeFile
 
 __all__ = ["BodyReader", "ChunkedReader", "GridConnection", "GridRequest", "Pace",
-           "SocketSource", "connection_class"]
+           "SocketSource", "connection_class", "merge_slashes"]
 
 log = logging.getLogger("userpub.ingest")
 
@@ -42,6 +47,34 @@ MAX_TRAILERS = 64
 LINGER_SECONDS = 10.0
 TOO_LARGE = "Request Entity Too Large"
 MIN_RATE = 1000  # bytes/s a request must average once its first socket_timeout has passed
+
+
+_SLASHES = re.compile(rb"/{2,}")
+
+
+def merge_slashes(request_line: bytes) -> bytes:
+    """The request line with runs of ``/`` merged in its target's path (not in its query),
+    as Apache's MergeSlashes does; anything that is not ``METHOD /path... VERSION`` is
+    returned unchanged (cheroot judges it)."""
+    parts = request_line.split(b" ", 2)
+    if len(parts) != 3 or not parts[1].startswith(b"/"):
+        return request_line
+    path, mark, query = parts[1].partition(b"?")
+    return b" ".join((parts[0], _SLASHES.sub(b"/", path) + mark + query, parts[2]))
+
+
+class _FirstLine:
+    """A reader whose next ``readline`` passes through :func:`merge_slashes`."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def readline(self, *args: Any) -> bytes:
+        line: bytes = self.inner.readline(*args)
+        return merge_slashes(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class Pace:
@@ -301,6 +334,16 @@ class GridRequest(cheroot_server.HTTPRequest):
             ok: bool = super().read_request_headers()  # type: ignore[no-untyped-call]
         finally:
             del self.header_reader
+        return ok
+
+    def read_request_line(self) -> bool:
+        """cheroot's parsing of the request line, with runs of ``/`` merged first."""
+        reader = self.rfile
+        self.rfile = _FirstLine(reader)
+        try:
+            ok: bool = super().read_request_line()  # type: ignore[no-untyped-call]
+        finally:
+            self.rfile = reader
         return ok
 
     def send_continue(self) -> None:

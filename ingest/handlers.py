@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import bottle
@@ -23,14 +27,43 @@ from ingest.responses import CID, IDENTITY, bad_request, reply
 from ingest.upload import free_bytes, insufficient_storage, receive, too_large
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
-from spool import DropResult, Spool, State
+from spool import CidMismatch, DropResult, Spool, State
 from userpub.config import Config, IngestConfig
-from userpub_client.cid import InvalidCid, normalize_cid
+from userpub_client.cid import InvalidCid, cid_digest, normalize_cid
 
-__all__ = ["Api", "config_answer", "exists", "metrics_answer", "ping", "publish", "status",
+__all__ = ["Api", "StampLimiter", "config_answer", "exists", "metrics_answer", "ping", "publish", "status",
            "update"]
 
 log = logging.getLogger("userpub.ingest.access")
+
+
+class StampLimiter:
+    """Which CIDs are due an access stamp: each at most once per ``interval`` seconds.
+
+    Remembers the ``capacity`` most recently stamped CIDs (older ones are forgotten and may be
+    stamped again early, which only costs a stamp).
+    """
+
+    def __init__(self, interval: float, capacity: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.capacity = capacity
+        self.clock = clock
+        self._last: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def due(self, cid: str) -> bool:
+        """True (and remembered) when ``cid`` was not stamped within the interval."""
+        now = self.clock()
+        with self._lock:
+            last = self._last.get(cid)
+            if last is not None and now - last < self.interval:
+                return False
+            self._last[cid] = now
+            self._last.move_to_end(cid)
+            while len(self._last) > self.capacity:
+                self._last.popitem(last=False)
+            return True
 
 
 @dataclass(frozen=True)
@@ -43,6 +76,7 @@ class Api:
     catalog: Catalog
     metrics: IngestMetrics
     authenticator: Authenticator
+    stamps: StampLimiter = field(default_factory=lambda: StampLimiter(3600.0))
 
     def authenticate(self, environ: dict[str, Any]) -> Identity:
         """The caller's identity, or raise the original's 403 answer."""
@@ -65,6 +99,14 @@ class Api:
             return normalize_cid(values[0])
         except InvalidCid as err:
             raise bad_request(str(err)) from None
+
+    def may_publish(self, identity: Identity, cid: str) -> None:
+        """Raise 403 when the CID's group has named publishers and the caller is not one."""
+        group = cid.partition("/")[0] if "/" in cid else None
+        for name, allowed in self.ingest.group_publishers:
+            if name == group and not identity.is_one_of(allowed):
+                raise reply("403 Access denied",
+                            f"{identity.name} may not publish in group {group}\n")
 
     def has_room(self, upcoming: int = 0) -> bool:
         """True while the spool keeps its reserve after ``upcoming`` more bytes."""
@@ -92,10 +134,20 @@ def config_answer(config: Config) -> bottle.HTTPResponse:
 
 
 def exists(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
-    """``GET /pubapi/exists?cid=``: PRESENT:<path> or MISSING."""
-    api.authenticate(environ)
-    location = api.catalog.locate(api.cid(environ, "exists"))
-    return reply("200 OK", f"PRESENT:{location.path}\n" if location else "MISSING\n")
+    """``GET /pubapi/exists?cid=``: PRESENT:<path> or MISSING.
+
+    Unlike the original, a PRESENT answer counts as use (``stamp_on_exists``): the CID is
+    stamped, at most once an hour, so code that clients only look up (justIN never calls
+    ``update``) does not expire while it is used.
+    """
+    identity = api.authenticate(environ)
+    cid = api.cid(environ, "exists")
+    location = api.catalog.locate(cid)
+    if location is None:
+        return reply("200 OK", "MISSING\n")
+    if api.ingest.stamp_on_exists and api.stamps.due(cid):
+        api.spool.drop_stamp(cid, identity.submitter)
+    return reply("200 OK", f"PRESENT:{location.path}\n")
 
 
 def update(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
@@ -151,6 +203,7 @@ def publish(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
     """
     identity = api.authenticate(environ)
     cid = api.cid(environ, "publish")
+    api.may_publish(identity, cid)
     length = _content_length(api, environ)
     location = api.catalog.locate(cid)
     if location is not None:
@@ -162,9 +215,15 @@ def publish(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
         return reply("200 OK", "OK\n")
     if not api.has_room(length or 0):
         raise insufficient_storage(close=length is None)
+    named = cid_digest(cid)
     try:  # the entry's directory, the body, and meta.json at commit all take room
-        with api.spool.writer(cid, identity.submitter) as writer:
+        with api.spool.writer(cid, identity.submitter,
+                              digests=[named[0]] if named else []) as writer:
             size = api.receive(environ, length, writer.write)
+            try:
+                writer.check_cid()  # nobody publishes under the hash of someone else's tarball
+            except CidMismatch as err:
+                raise bad_request(str(err)) from None
             result = writer.commit()
     except OSError as err:  # writing to the spool (reading errors are answered above)
         log.error("cannot write the upload of %s to the spool: %s", cid, err)

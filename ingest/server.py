@@ -26,7 +26,7 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from prometheus_client import CollectorRegistry
 
-from ingest.app import make_app, make_plain_app
+from ingest.app import make_app, make_plain_app, with_apache_paths
 from ingest.auth import CHAIN_PREFIX, Authenticator
 from ingest.connection import connection_class
 from ingest.readiness import Readiness
@@ -221,16 +221,17 @@ class IngestServer:
         self.adapter = GridSSLAdapter(self.cfg)
         catalog = Catalog.from_config(self.config)
         self.readiness = Readiness(self.config, spool)
-        app = make_app(self.config, spool, catalog, self.metrics, self.authenticator,
-                       self.readiness)
+        app = with_apache_paths(make_app(self.config, spool, catalog, self.metrics,
+                                         self.authenticator, self.readiness))
         https = self._server(split_address(self.cfg.listen), app, self.cfg.threads,
                              self.cfg.max_upload_bytes)
         https.ssl_adapter = self.adapter
         self.servers.append(("https", https))
         if self.cfg.http_listen:
             # ping, config and /metrics; and the cvmfs-native repositories hosted here
-            plain_app = with_stratum0(make_plain_app(self.config, self.metrics, self.registry,
-                                                     self.readiness), self.config)
+            plain_app = with_apache_paths(with_stratum0(
+                make_plain_app(self.config, self.metrics, self.registry, self.readiness),
+                self.config))
             plain = self._server(split_address(self.cfg.http_listen), plain_app, 4,
                                  PLAIN_MAX_BODY)
             self.servers.append(("http", plain))

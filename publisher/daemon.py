@@ -24,7 +24,7 @@ from metrics import PublisherMetrics
 from publisher.repositories import Repository, RepositoryError
 from publisher.repositories.catalog import Catalog
 from publisher.tarball import UnpackError, UnpackLimits, UnpackStats
-from spool import BadEntry, Entry, Kind, Spool
+from spool import BadEntry, CidMismatch, Entry, Kind, Spool, check_payload_digest
 from spool.names import is_ignored_name
 from userpub.config import Config, RepositoryConfig
 from userpub.daemon import Waker
@@ -207,6 +207,11 @@ class Publisher:
                 self.spool.fail(path, str(err))
                 self.metrics.publishes.labels(self.repo.name, "failed").inc()
                 self.metrics.failures.labels(self.repo.name, "bad_entry").inc()
+                continue
+            try:
+                check_payload_digest(entry)  # an operator's drop: the ingest checked uploads
+            except (CidMismatch, OSError) as err:
+                self._fail(entry, str(err), "bad_entry")
                 continue
             if entry.kind is Kind.STAMP:
                 batch.stamp.append(entry)

@@ -2,6 +2,7 @@
 
 from spool.queue import (
     BadEntry,
+    CidMismatch,
     CidStatus,
     Depth,
     DropResult,
@@ -10,9 +11,10 @@ from spool.queue import (
     Kind,
     Spool,
     State,
+    check_payload_digest,
     entry_name,
     parse_name,
 )
 
-__all__ = ["BadEntry", "CidStatus", "Depth", "DropResult", "Entry", "EntryWriter", "Kind",
-           "Spool", "State", "entry_name", "parse_name"]
+__all__ = ["BadEntry", "CidMismatch", "CidStatus", "Depth", "DropResult", "Entry", "EntryWriter",
+           "Kind", "Spool", "State", "check_payload_digest", "entry_name", "parse_name"]

@@ -21,14 +21,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from spool.names import decode_name, encode_name, is_ignored_name, split_tar_suffix
 from userpub.fsutil import fsync_dir, remove_tree, rename_noreplace, unique_id
-from userpub_client.cid import InvalidCid, validate_cid
+from userpub_client.cid import InvalidCid, cid_digest, validate_cid
 
 STAMP_SUFFIX = "@stamp"
 NAME_MAX = 255  # bytes in one file name (Linux filesystems)
@@ -78,6 +78,7 @@ class Entry:
     submitter: str
     queued_at: float
     size: int
+    digests: Mapping[str, str] = field(default_factory=dict)  # algorithm -> hex, if recorded
 
     @property
     def name(self) -> str:
@@ -102,6 +103,36 @@ class Depth:
 
 class BadEntry(Exception):  # noqa: N818 (an entry that is bad, as operators say)
     """An entry whose name or metadata cannot be understood; it belongs in failed/."""
+
+
+class CidMismatch(ValueError):  # noqa: N818 (reads as the answer)
+    """A CID naming a hash its tarball does not have (someone else's CID); one line."""
+
+
+def cid_mismatch(algorithm: str, named: str, actual: str) -> str:
+    """The one-line reason of a CID whose named hash is not its tarball's."""
+    return f"cid names {algorithm} {named} but the tarball's {algorithm} is {actual}"
+
+
+def check_payload_digest(entry: Entry) -> None:
+    """CidMismatch when ``entry``'s CID names a hash its payload has not.
+
+    Uses the digest recorded when the entry was written (ingest, ``userpub drop``), else
+    computes it from the payload (a tarball an operator moved in by hand).
+    """
+    named = cid_digest(entry.cid)
+    if named is None or entry.kind is not Kind.PUBLISH:
+        return
+    algorithm, expected = named
+    actual = entry.digests.get(algorithm)
+    if actual is None:
+        hasher = hashlib.new(algorithm)
+        with entry.payload.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+        actual = hasher.hexdigest()
+    if actual != expected:
+        raise CidMismatch(cid_mismatch(algorithm, expected, actual))
 
 
 def entry_name(cid: str, kind: Kind) -> str:
@@ -152,16 +183,27 @@ class Spool:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def writer(self, cid: str, submitter: str, kind: Kind = Kind.PUBLISH) -> EntryWriter:
-        """Start a new entry in tmp/; write the payload, then commit() or discard()."""
-        return EntryWriter(self, validate_cid(cid), submitter, kind)
+    def writer(self, cid: str, submitter: str, kind: Kind = Kind.PUBLISH,
+               digests: Iterable[str] = ()) -> EntryWriter:
+        """Start a new entry in tmp/; write the payload, then commit() or discard().
+
+        The payload's sha256 is always computed; ``digests`` names more (e.g. ``sha1``), all
+        recorded in the entry's metadata.
+        """
+        return EntryWriter(self, validate_cid(cid), submitter, kind, digests)
 
     def drop_file(self, source: Path, cid: str | None, submitter: str) -> tuple[str, DropResult]:
-        """Copy the tarball ``source`` into the spool; the CID defaults to its sha256."""
-        with self.writer(cid or "pending", submitter) as w, source.open("rb") as fh:
+        """Copy the tarball ``source`` into the spool; the CID defaults to its sha256.
+
+        A CID naming a hash (:func:`cid_digest`) must be the tarball's: CidMismatch if not.
+        """
+        named = cid_digest(cid) if cid else None
+        with self.writer(cid or "pending", submitter,
+                         digests=[named[0]] if named else []) as w, source.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 w.write(chunk)
             w.cid = validate_cid(cid or w.sha256)
+            w.check_cid()
             return w.cid, w.commit()
 
     def drop_stamp(self, cid: str, submitter: str) -> DropResult:
@@ -177,9 +219,10 @@ class Spool:
         if path.is_dir():
             try:
                 meta = json.loads((path / META).read_text())
+                digests = {name: str(meta[name]) for name in ("sha256", "sha1") if name in meta}
                 return Entry(path, validate_cid(meta["cid"]), Kind(meta["kind"]),
                              str(meta.get("submitter", "")), float(meta["queued_at"]),
-                             int(meta.get("size", 0)))
+                             int(meta.get("size", 0)), digests)
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise BadEntry(f"unreadable metadata in {path.name}: {err}") from None
         cid, kind = parse_name(path.name)
@@ -362,7 +405,8 @@ class Spool:
 class EntryWriter:
     """Writes one entry in tmp/ and makes it visible in incoming/ with one rename."""
 
-    def __init__(self, spool: Spool, cid: str, submitter: str, kind: Kind) -> None:
+    def __init__(self, spool: Spool, cid: str, submitter: str, kind: Kind,
+                 digests: Iterable[str] = ()) -> None:
         self.spool = spool
         self.cid = cid
         self.submitter = submitter
@@ -370,7 +414,7 @@ class EntryWriter:
         self.dir = spool.tmp / unique_id()
         self.dir.mkdir()
         self.size = 0
-        self._hash = hashlib.sha256()
+        self._hashes = {name: hashlib.new(name) for name in ("sha256", *digests)}
         self._fd: int | None = None
         if kind is Kind.PUBLISH:
             self._fd = os.open(self.dir / PAYLOAD, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -382,13 +426,29 @@ class EntryWriter:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        self._hash.update(data)
+        for hasher in self._hashes.values():
+            hasher.update(data)
         self.size += len(data)
 
     @property
     def sha256(self) -> str:
         """Hex sha256 of the payload written so far."""
-        return self._hash.hexdigest()
+        return self._hashes["sha256"].hexdigest()
+
+    def digest(self, algorithm: str) -> str:
+        """Hex digest of the payload written so far (``sha256`` or one asked for at start)."""
+        return self._hashes[algorithm].hexdigest()
+
+    def check_cid(self) -> None:
+        """CidMismatch when the CID names a hash (:func:`cid_digest`) the payload has not."""
+        named = cid_digest(self.cid)
+        if named is not None and self.kind is Kind.PUBLISH:
+            algorithm, expected = named
+            if algorithm not in self._hashes:
+                raise ValueError(f"the writer of {self.cid} does not compute its {algorithm}")
+            got = self.digest(algorithm)
+            if got != expected:
+                raise CidMismatch(cid_mismatch(algorithm, expected, got))
 
     def commit(self) -> DropResult:
         """Make the entry durable and visible; DUPLICATE (nothing kept) if queued or publishing."""
@@ -396,9 +456,11 @@ class EntryWriter:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-        meta = {"cid": validate_cid(self.cid), "kind": self.kind.value,
-                "submitter": self.submitter, "size": self.size, "sha256": self.sha256,
-                "queued_at": time.time()}
+        meta: dict[str, object] = {
+            "cid": validate_cid(self.cid), "kind": self.kind.value, "submitter": self.submitter,
+            "size": self.size, "queued_at": time.time()}
+        if self.kind is Kind.PUBLISH:
+            meta.update((name, hasher.hexdigest()) for name, hasher in self._hashes.items())
         name = entry_name(self.cid, self.kind)
         if self.spool.is_active(name):
             self.discard()  # being published right now: the same CID is not queued twice

@@ -149,18 +149,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_drop(args: argparse.Namespace) -> int:
     """Copy a tarball into the spool atomically; print the CID."""
-    from spool import DropResult, Spool
+    from spool import CidMismatch, DropResult, Spool
 
     config = _config(args)
-    if args.cid is not None:
-        normalize_cid(args.cid)
+    wanted = normalize_cid(args.cid) if args.cid is not None else None
     source = Path(args.tarball)
     if not source.is_file():
         raise Fatal(f"{source}: not a file")
     spool = Spool(config.server.spool)
     spool.ensure_layout()
     who = f"{os.environ.get('USER', 'operator')} (uid {os.getuid()}, userpub drop)"
-    cid, result = spool.drop_file(source, args.cid, who)
+    try:
+        cid, result = spool.drop_file(source, wanted, who)
+    except CidMismatch as err:
+        raise Fatal(f"{source}: {err}") from None
     print(cid if result is DropResult.QUEUED else f"{cid} (already queued)")
     return 0
 

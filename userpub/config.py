@@ -101,6 +101,12 @@ class IngestConfig:
     threads: int = 32
     socket_timeout: float = 60.0
     localhost_trusted: bool = False
+    # CID group (first component) -> who may publish there: grid-mapfile accounts, token
+    # subjects, or WLCG groups ("/dune", from a token's wlcg.groups); groups not named: anyone
+    group_publishers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # an authenticated exists answering PRESENT stamps the CID, at most once per interval
+    stamp_on_exists: bool = True
+    stamp_on_exists_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,16 @@ class _Section:
         return tuple((name, (self.base / Path(v).expanduser()).resolve())
                      for name, v in value.items())
 
+    def lists_by_name(self, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """A table of name -> non-empty list of non-empty strings."""
+        value: dict[str, Any] = self._get(key, dict, {}, 'a table of name = ["...", ...]')
+        if not all(isinstance(v, list) and v and all(isinstance(s, str) and s for s in v)
+                   for v in value.values()):
+            self.problems.append(f"{self.where}.{key}: every value must be a non-empty list of "
+                                 "non-empty strings")
+            return ()
+        return tuple((name, tuple(v)) for name, v in value.items())
+
     def finish(self) -> None:
         for key in sorted(set(self.table) - self.seen):
             self.problems.append(f"{self.where}: unknown key {key!r}")
@@ -355,6 +371,10 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
         threads=sec.integer("threads", d.threads, minimum=1, maximum=1024),
         socket_timeout=sec.number("socket_timeout", d.socket_timeout, minimum=1.0),
         localhost_trusted=sec.boolean("localhost_trusted", d.localhost_trusted),
+        group_publishers=sec.lists_by_name("group_publishers"),
+        stamp_on_exists=sec.boolean("stamp_on_exists", d.stamp_on_exists),
+        stamp_on_exists_seconds=sec.number("stamp_on_exists_seconds",
+                                           d.stamp_on_exists_seconds, minimum=1.0),
     )
     for issuer in cfg.token_issuers:
         if not issuer.startswith("https://"):

@@ -15,11 +15,16 @@ no component starting with ``.`` (those names are the publisher's and CVMFS's ow
 from __future__ import annotations
 
 import posixpath
+import re
 
 MAX_CID_LENGTH = 255
 
 _PRINTABLE = frozenset(chr(c) for c in range(0x21, 0x7F))  # no space, no control, ASCII only
 _FORBIDDEN = frozenset("'\\\"`")
+#: The hash a CID's last component names, by its length in hex digits (jobsub: sha256,
+#: justIN: sha1, both of the tarball as uploaded).
+DIGESTS = {40: "sha1", 64: "sha256"}
+_HEX = re.compile("[0-9a-fA-F]+")
 
 
 class InvalidCid(ValueError):  # noqa: N818 (the name reads as the answer)
@@ -59,6 +64,16 @@ def validate_cid(cid: str) -> str:
     if normal != cid:
         raise InvalidCid(f"cid is not in normal form (it would be {normal})")
     return cid
+
+
+def cid_digest(cid: str) -> tuple[str, str] | None:
+    """(algorithm, lowercase hex) when the CID's last component is a sha1 (40 hex digits) or a
+    sha256 (64): the hash the upload must have. None for other CIDs."""
+    last = cid.rpartition("/")[2]
+    algorithm = DIGESTS.get(len(last))
+    if algorithm is None or not _HEX.fullmatch(last):
+        return None
+    return algorithm, last.lower()
 
 
 def is_valid_cid(cid: str) -> bool:
