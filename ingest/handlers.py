@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -25,8 +26,10 @@ from ingest.auth import Authenticator, AuthError, Identity
 from ingest.readiness import Readiness
 from ingest.responses import CID, IDENTITY, bad_request, reply
 from ingest.upload import free_bytes, insufficient_storage, receive, too_large
+from ingest.upload_check import UploadCheck
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
+from publisher.tarball import UnpackLimits
 from spool import CidMismatch, DropResult, Spool, State
 from userpub.config import Config, IngestConfig
 from userpub_client.cid import InvalidCid, cid_digest, normalize_cid
@@ -112,10 +115,21 @@ class Api:
         """True while the spool keeps its reserve after ``upcoming`` more bytes."""
         return free_bytes(self.spool.tmp) - upcoming >= self.ingest.spool_reserve_bytes
 
-    def receive(self, environ: dict[str, Any], length: int | None, write: Any) -> int:
+    def receive(self, environ: dict[str, Any], length: int | None, write: Any,
+                check: UploadCheck | None = None) -> int:
         """The whole body into ``write`` (None: read and discarded); the byte count."""
         return receive(environ, length, write, limit=self.ingest.max_upload_bytes,
-                       metrics=self.metrics, room=self.has_room)
+                       metrics=self.metrics, room=self.has_room, check=check)
+
+    def upload_check(self, cid: str) -> UploadCheck | None:
+        """The judge of a new upload of ``cid`` (None when ``check_uploads`` is off)."""
+        if not self.ingest.check_uploads:
+            return None
+        publisher = self.config.publisher
+        limits = UnpackLimits(publisher.max_members, publisher.max_unpacked_bytes)
+        longest = max(len(os.fsencode(f"{r.mount}/{self.config.server.prefix}/{cid}/"))
+                      for r in self.config.repositories)
+        return UploadCheck(limits, longest)
 
 
 def ping(readiness: Readiness, environ: dict[str, Any]) -> bottle.HTTPResponse:
@@ -219,7 +233,7 @@ def publish(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
     try:  # the entry's directory, the body, and meta.json at commit all take room
         with api.spool.writer(cid, identity.submitter,
                               digests=[named[0]] if named else []) as writer:
-            size = api.receive(environ, length, writer.write)
+            size = api.receive(environ, length, writer.write, api.upload_check(cid))
             try:
                 writer.check_cid()  # nobody publishes under the hash of someone else's tarball
             except CidMismatch as err:

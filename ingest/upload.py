@@ -18,6 +18,7 @@ import bottle
 
 from ingest.connection import TOO_LARGE
 from ingest.responses import RECEIVED, bad_request, reply
+from ingest.upload_check import UploadCheck
 from metrics import IngestMetrics
 
 __all__ = ["CHUNK", "SPACE_CHECK_BYTES", "WriteBehind", "insufficient_storage", "receive",
@@ -99,12 +100,14 @@ def too_large(limit: int) -> bottle.HTTPResponse:
 
 def receive(environ: dict[str, Any], length: int | None,
             write: Callable[[memoryview], None] | None, *, limit: int,
-            metrics: IngestMetrics, room: Callable[[], bool]) -> int:
+            metrics: IngestMetrics, room: Callable[[], bool],
+            check: UploadCheck | None = None) -> int:
     """Read the whole body into ``write`` (None: discard); the byte count.
 
     ``length`` is the Content-Length (None: chunked); ``limit`` the largest upload accepted;
     ``room()`` says whether the spool still has its reserve (asked every
-    ``SPACE_CHECK_BYTES`` of a chunked body). Problems are raised as the answer to send.
+    ``SPACE_CHECK_BYTES`` of a chunked body); ``check`` judges the tarball as it arrives (a
+    bad one is answered 400 with the reason, at once). Problems are raised as the answer.
     """
     stream = environ["wsgi.input"]
     readinto = getattr(stream, "readinto", None)  # ours: no copy, no allocation per read
@@ -113,6 +116,7 @@ def receive(environ: dict[str, Any], length: int | None,
     total = 0
     next_check = SPACE_CHECK_BYTES
     metrics.uploads_in_progress.inc()
+    finished = False
     try:
         while length is None or total < length:
             want = CHUNK if length is None else min(CHUNK, length - total)
@@ -141,15 +145,24 @@ def receive(environ: dict[str, Any], length: int | None,
             environ[RECEIVED] = total
             if total > limit:
                 raise too_large(limit)
+            if check is not None:
+                check.feed(buffer[:n])
+                if check.problem is not None:
+                    raise bad_request(check.problem, close=True)
             if sink is not None:
                 sink.put(buffer, n)
                 if length is None and total >= next_check:
                     next_check += SPACE_CHECK_BYTES
                     if not room():
                         raise insufficient_storage(close=True)
+        if check is not None and (problem := check.finish()) is not None:
+            raise bad_request(problem)
+        finished = True
         if sink is not None:
             sink.close()  # everything written; raises a write error
     finally:
+        if check is not None and not finished:
+            check.abort()
         if sink is not None:
             sink.abort()
         metrics.uploads_in_progress.dec()

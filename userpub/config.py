@@ -107,6 +107,8 @@ class IngestConfig:
     # an authenticated exists answering PRESENT stamps the CID, at most once per interval
     stamp_on_exists: bool = True
     stamp_on_exists_seconds: float = 3600.0
+    # judge each upload's tar stream while it arrives (a bad tarball fails the POST)
+    check_uploads: bool = True
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,7 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
         stamp_on_exists=sec.boolean("stamp_on_exists", d.stamp_on_exists),
         stamp_on_exists_seconds=sec.number("stamp_on_exists_seconds",
                                            d.stamp_on_exists_seconds, minimum=1.0),
+        check_uploads=sec.boolean("check_uploads", d.check_uploads),
     )
     for issuer in cfg.token_issuers:
         if not issuer.startswith("https://"):
