@@ -101,6 +101,11 @@ class IngestConfig:
     threads: int = 32
     socket_timeout: float = 60.0
     localhost_trusted: bool = False
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_client: int = 64
 
 
 @dataclass(frozen=True)
@@ -355,7 +360,20 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
         threads=sec.integer("threads", d.threads, minimum=1, maximum=1024),
         socket_timeout=sec.number("socket_timeout", d.socket_timeout, minimum=1.0),
         localhost_trusted=sec.boolean("localhost_trusted", d.localhost_trusted),
+        handshake_timeout=sec.number("handshake_timeout", d.handshake_timeout, minimum=1.0),
+        header_timeout=sec.number("header_timeout", d.header_timeout, minimum=1.0),
+        idle_timeout=sec.number("idle_timeout", d.idle_timeout, minimum=1.0),
+        max_connections=sec.integer("max_connections", d.max_connections, minimum=16,
+                                    maximum=1_000_000),
+        max_connections_per_client=sec.integer("max_connections_per_client",
+                                               d.max_connections_per_client),
     )
+    if cfg.max_connections < cfg.threads:
+        sec.problems.append(f"{sec.where}.max_connections: must be at least threads "
+                            f"({cfg.threads})")
+    if cfg.max_connections_per_client > cfg.max_connections:
+        sec.problems.append(f"{sec.where}.max_connections_per_client: must be at most "
+                            f"max_connections ({cfg.max_connections})")
     for issuer in cfg.token_issuers:
         if not issuer.startswith("https://"):
             sec.problems.append(f"{sec.where}.token_issuers: {issuer!r} is not an https:// URL")
