@@ -15,10 +15,10 @@ blocking); between requests, and to linger or discard an unread body, it goes ba
   second per ``MIN_RATE`` bytes. The socket timeout alone bounds each receive, so a client
   trickling a byte at a time could hold a worker thread for ever.
 * A body left unread after an early answer is discarded by the front stage before the next
-  request (the connection stays open), unless it is chunked or larger than the body limit:
-  then the connection is closed, after lingering (our side shut, what arrives discarded for
-  up to ``LINGER_SECONDS``) so that clients which send the whole body before reading
-  (python-requests) see the 413 or 403 instead of a connection reset.
+  request (the connection stays open), unless it is chunked or larger than the body limit
+  or ``DISCARD_LIMIT``: then the connection is closed, after lingering (our side shut, what
+  arrives discarded for up to ``LINGER_SECONDS``) so that clients which send the whole body
+  before reading (python-requests) see the 413 or 403 instead of a connection reset.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ __all__ = ["TOO_LARGE", "BodyReader", "ChunkedReader", "ConnectionReader", "Fron
            "GridConnection", "GridRequest", "Pace", "SocketSource", "connection_class"]
 
 RECEIVE_SIZE = 1 << 16
+DISCARD_LIMIT = 64 << 20  # an unread body larger than this closes the connection
 MIN_RATE = 1000  # bytes/s a body must average once its first socket_timeout has passed
 LINGER_SECONDS = 10.0
 
@@ -295,7 +296,7 @@ class GridRequest(cheroot_server.HTTPRequest):
         if self.chunked_read and not getattr(rfile, "done", True):
             self.close_connection = True
         remaining = 0 if waiting else getattr(rfile, "remaining", 0)
-        if self.body_limit and remaining > self.body_limit:
+        if remaining > min(self.body_limit or DISCARD_LIMIT, DISCARD_LIMIT):
             self.close_connection = True
         if remaining > 0:  # cheroot would read it here, in one allocation: not in a worker
             self.conn.discard = remaining

@@ -1,4 +1,4 @@
-"""One connection while the front stage holds it: every step is non-blocking.
+"""The front stage's vocabulary (limits, events, phases), and one connection while it holds it.
 
 A :class:`Slot` wraps a :class:`~ingest.connection.GridConnection` and knows how to advance
 it by one step as far as the socket allows: the TLS handshake, reading a request head into
@@ -14,13 +14,42 @@ import enum
 import re
 import socket
 import ssl
+from dataclasses import dataclass
 
 from ingest.connection import GridConnection
 
-__all__ = ["Phase", "Slot", "Step", "handshake_problem", "http_answer"]
+__all__ = ["EVENTS", "DoorLimits", "Phase", "Slot", "Step", "handshake_problem", "http_answer"]
 
 RECEIVE_SIZE = 1 << 16
 _HEAD_END = re.compile(rb"\n\r?\n")
+
+
+@dataclass(frozen=True)
+class DoorLimits:
+    """Time and count limits of one listener's front stage."""
+
+    handshake_timeout: float
+    header_timeout: float
+    idle_timeout: float
+    body_timeout: float  # socket_timeout: the pace of a body being discarded
+    max_connections: int
+    max_per_client: int  # 0: no limit
+    max_head: int
+
+
+EVENTS = {  # what ``FrontStage.totals`` counts
+    "refused": "answered 503 (client over its limit)",
+    "client_limit": "closed at once (client at twice its limit)",
+    "full": "closed at once (no room)",
+    "evicted": "closed to make room (active least recently)",
+    "handshake_timeout": "closed in the TLS handshake (too slow)",
+    "silent": "closed before a first request (nothing sent)",
+    "idle": "closed while idle between requests",
+    "head_timeout": "answered 408 (head too slow)",
+    "head_too_large": "answered 413/414 (head too large)",
+    "discard_timeout": "closed while discarding an unread body (too slow)",
+    "out_of_files": "accept failed (out of file descriptors)",
+}
 
 
 class Phase(enum.Enum):
@@ -71,8 +100,8 @@ class Slot:
     ``scratch`` is a receive buffer shared by every slot of one front stage (one thread).
     """
 
-    __slots__ = ("client", "conn", "events", "failure", "linger_after", "outgoing", "phase",
-                 "refused", "scanned", "scratch", "served", "tick")
+    __slots__ = ("client", "conn", "deadline", "events", "failure", "linger_after", "outgoing",
+                 "phase", "refused", "scanned", "scratch", "served", "tick")
 
     def __init__(self, conn: GridConnection, client: str, refused: bool, phase: Phase,
                  scratch: memoryview) -> None:
@@ -83,6 +112,7 @@ class Slot:
         self.scratch = scratch
         self.events = 0  # registered with the selector for these
         self.tick = 0  # identifies the slot's current deadline
+        self.deadline = 0.0  # time.monotonic() at which the phase times out
         self.served = 0  # requests handed to workers
         self.scanned = 0  # bytes of the buffer searched for the end of the head
         self.outgoing = memoryview(b"")

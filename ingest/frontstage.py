@@ -34,13 +34,12 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ingest.connection import LINGER_SECONDS, MIN_RATE, GridConnection
-from ingest.frontslot import RECEIVE_SIZE, Phase, Slot, Step, http_answer
+from ingest.frontslot import EVENTS, RECEIVE_SIZE, DoorLimits, Phase, Slot, Step, http_answer
 
-__all__ = ["DoorLimits", "FrontStage"]
+__all__ = ["FrontStage"]
 
 log = logging.getLogger("userpub.ingest")
 
@@ -55,25 +54,13 @@ _REFUSED = http_answer("503 Service Unavailable",
                        f"Retry-After: {RETRY_AFTER_SECONDS}")
 
 
-@dataclass(frozen=True)
-class DoorLimits:
-    """Time and count limits of one listener's front stage."""
-
-    handshake_timeout: float
-    header_timeout: float
-    idle_timeout: float
-    body_timeout: float  # socket_timeout: the pace of a body being discarded
-    max_connections: int
-    max_per_client: int  # 0: no limit
-    max_head: int
-
-
 class FrontStage:
     """cheroot's connection manager (``run``, ``stop``, ``close``, ``put``), gated.
 
     ``server`` is the cheroot server (its listening socket, worker pool and
     ConnectionClass); ``adapter`` wraps accepted sockets in TLS (None: plain HTTP).
-    ``counts`` tallies what was refused, evicted or timed out (logged once a minute).
+    ``totals`` counts the :data:`EVENTS` (what was refused, evicted or timed out); news of
+    them is logged at most once a minute.
     """
 
     def __init__(self, server: Any, limits: DoorLimits, adapter: Any = None,
@@ -102,7 +89,8 @@ class FrontStage:
         self._stop_requested = False
         self._serving = False
         self._accept_paused_until = 0.0
-        self.counts: collections.Counter[str] = collections.Counter()
+        self.totals: collections.Counter[str] = collections.Counter()  # EVENTS since start
+        self._logged: dict[str, int] = {}
         self._summary_at = time.monotonic() + SUMMARY_SECONDS
 
     # -- cheroot's connection-manager interface ------------------------------------------
@@ -217,7 +205,7 @@ class FrontStage:
             except OSError as err:
                 if err.errno not in _OUT_OF_FILES:
                     raise
-                self.counts["out of file descriptors"] += 1
+                self._note("out_of_files")
                 log.warning("cannot accept a connection: %s", err.strerror)
                 if not self._evict():  # nothing to free: stop accepting for a moment
                     self._selector.unregister(self.listener)
@@ -233,8 +221,7 @@ class FrontStage:
             hopeless = refused and self._refusing[client] >= limit
             full = self._open >= self.limits.max_connections
         if hopeless or (full and not self._evict()):
-            self.counts["closed at once: client over its limit" if hopeless
-                        else "closed at once: no room"] += 1
+            self._note("client_limit" if hopeless else "full")
             sock.close()
             return
         sock.setblocking(False)
@@ -258,7 +245,7 @@ class FrontStage:
             if refused:
                 self._refusing[client] += 1
         if refused:
-            self.counts["answered 503: client over its limit"] += 1
+            self._note("refused")
         self._held[slot] = None
         limits = self.limits
         self._set_deadline(slot, limits.handshake_timeout if tls else limits.header_timeout)
@@ -269,7 +256,7 @@ class FrontStage:
         if not self._held:
             return False
         slot = next(iter(self._held))
-        self.counts[f"evicted in {slot.phase.value}: no room"] += 1
+        self._note("evicted")
         self._close(slot)
         return True
 
@@ -295,7 +282,11 @@ class FrontStage:
             if was_idle and slot.served and slot.conn.rfile.buffer:
                 self._set_deadline(slot, self.limits.header_timeout)  # a request begins
         elif phase is Phase.DISCARD:
+            before = slot.conn.discard
             step = slot.discard()
+            if slot.conn.discard < before:  # the pace a worker would demand of the body
+                self._set_deadline(slot, slot.deadline - time.monotonic()
+                                   + (before - slot.conn.discard) / MIN_RATE)
         elif phase is Phase.ANSWER:
             step = slot.send()
         elif phase is Phase.LINGER:
@@ -331,7 +322,7 @@ class FrontStage:
             self._answer(slot, _REFUSED)
             return True
         if step is Step.TOO_LARGE:
-            self.counts["answered 413/414: request head too large"] += 1
+            self._note("head_too_large")
             self._answer(slot, slot.too_large_answer(self.limits.max_head))
             return True
         if step is Step.DISCARDED:
@@ -369,7 +360,7 @@ class FrontStage:
             return
         if conn.discard:
             slot.phase = Phase.DISCARD
-            self._set_deadline(slot, self.limits.body_timeout + conn.discard / MIN_RATE)
+            self._set_deadline(slot, self.limits.body_timeout)
         else:
             self._wait_for_next(slot)
         self._advance(slot)
@@ -419,7 +410,8 @@ class FrontStage:
 
     def _set_deadline(self, slot: Slot, seconds: float) -> None:
         slot.tick = next(self._ticks)
-        heapq.heappush(self._deadlines, (time.monotonic() + seconds, slot.tick, slot))
+        slot.deadline = time.monotonic() + seconds
+        heapq.heappush(self._deadlines, (slot.deadline, slot.tick, slot))
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -429,7 +421,7 @@ class FrontStage:
 
     def _timed_out(self, slot: Slot) -> None:
         if slot.phase is Phase.HEAD and slot.conn.rfile.has_data():
-            self.counts["answered 408: request head too slow"] += 1
+            self._note("head_timeout")
             self._answer(slot, http_answer(
                 "408 Request Timeout",
                 f"Request timeout: the request head did not arrive within "
@@ -437,11 +429,11 @@ class FrontStage:
             self._advance(slot)
             return
         if slot.phase is Phase.HANDSHAKE:
-            self.counts["closed: TLS handshake too slow"] += 1
-        elif slot.phase is Phase.HEAD and not slot.served:
-            self.counts["closed: silent"] += 1
+            self._note("handshake_timeout")
+        elif slot.phase is Phase.HEAD:
+            self._note("idle" if slot.served else "silent")
         elif slot.phase is Phase.DISCARD:
-            self.counts["closed: unread body too slow"] += 1
+            self._note("discard_timeout")
         self._close(slot)
 
     def _close(self, slot: Slot) -> None:
@@ -449,16 +441,35 @@ class FrontStage:
         slot.tick = 0
         slot.conn.close_now()
 
+    def _note(self, event: str) -> None:
+        self.totals[event] += 1
+
     def _summarize(self) -> None:
         now = time.monotonic()
         if now < self._summary_at:
             return
         self._summary_at = now + SUMMARY_SECONDS
-        if self.counts:
-            log.info("front door, last %.0f s: %s; %d connections open", SUMMARY_SECONDS,
-                     ", ".join(f"{what} {n}" for what, n in sorted(self.counts.items())),
+        news = {event: n - self._logged.get(event, 0) for event, n in self.totals.items()
+                if event != "idle" and n > self._logged.get(event, 0)}
+        self._logged = dict(self.totals)
+        if news:
+            log.info("front door (%s), last %.0f s: %s; %d connections open",
+                     _join(self.listener), SUMMARY_SECONDS,
+                     ", ".join(f"{EVENTS[e]} {n}" for e, n in sorted(news.items())),
                      self.open_connections)
-            self.counts.clear()
+
+    @property
+    def held(self) -> int:
+        """Connections held here (handshake, head, idle, discarding, answered, lingering)."""
+        return len(self._held)
+
+
+def _join(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return "closed"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _decrement(counter: collections.Counter[str], key: str) -> None:

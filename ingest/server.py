@@ -29,11 +29,14 @@ from cheroot import errors as cheroot_errors
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ingest.app import make_app, make_plain_app
 from ingest.auth import CHAIN_PREFIX, Authenticator
 from ingest.connection import connection_class
-from ingest.frontstage import DoorLimits, FrontStage
+from ingest.frontslot import EVENTS, DoorLimits
+from ingest.frontstage import FrontStage
 from ingest.stratum0 import with_stratum0
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
@@ -146,14 +149,43 @@ class GatedServer(wsgi.Server):
 
     limits: DoorLimits
     on_handshake_failure: Any = None
+    front: FrontStage | None = None
 
     def prepare(self) -> None:
         """Bind and listen (cheroot), then put the front stage in place of its manager."""
         super().prepare()
         manager: Any = self._connections
         manager.close()  # cheroot's: it only watched the listening socket
-        self._connections: Any = FrontStage(self, self.limits, self.ssl_adapter,
-                                       self.on_handshake_failure)
+        self.front = FrontStage(self, self.limits, self.ssl_adapter, self.on_handshake_failure)
+        self._connections: Any = self.front
+
+
+class FrontDoorCollector(Collector):
+    """``userpub_connections{listener,state}`` and ``userpub_front_door_events_total``."""
+
+    def __init__(self, servers: list[tuple[str, GatedServer]]) -> None:
+        self.servers = servers
+
+    def collect(self) -> list[Metric]:
+        """The current values (read without locking: a scrape may be a moment stale)."""
+        connections = GaugeMetricFamily(
+            "userpub_connections", "Open connections by listener: held by the front stage "
+            "(handshake, head, idle, lingering) or given to a worker (queued or served).",
+            labels=["listener", "state"])
+        events = CounterMetricFamily(
+            "userpub_front_door_events", "Connections refused, evicted or timed out by the "
+            "front stage, by listener and event.", labels=["listener", "event"])
+        for label, srv in self.servers:
+            stage = srv.front
+            if stage is None:
+                continue
+            held, total = stage.held, stage.open_connections
+            connections.add_metric([label, "front"], held)
+            connections.add_metric([label, "worker"], max(0, total - held))
+            totals = dict(stage.totals)
+            for event in EVENTS:
+                events.add_metric([label, event], totals.get(event, 0))
+        return [connections, events]
 
 
 def raise_file_limit(needed: int) -> int:
@@ -221,6 +253,7 @@ class IngestServer:
         self.threads: list[threading.Thread] = []
         self.failure: BaseException | None = None
         self.adapter: GridSSLAdapter | None = None
+        self.collector: FrontDoorCollector | None = None
 
     def _server(self, address: tuple[str, int], app: Any, threads: int, body_limit: int
                 ) -> GatedServer:
@@ -289,6 +322,8 @@ class IngestServer:
         except BaseException:
             self.stop()
             raise
+        self.collector = FrontDoorCollector(list(self.servers))
+        self.registry.register(self.collector)
         for label, srv in self.servers:
             thread = threading.Thread(target=self._serve, args=(srv,), name=f"ingest-{label}")
             thread.start()
@@ -338,6 +373,9 @@ class IngestServer:
                 srv.stop()
         for thread in self.threads:
             thread.join()
+        if self.collector is not None:
+            self.registry.unregister(self.collector)
+            self.collector = None
         self.servers.clear()
         self.threads.clear()
 
