@@ -88,6 +88,7 @@ class FrontStage:
         self._scratch = memoryview(bytearray(RECEIVE_SIZE))
         self._stop_requested = False
         self._serving = False
+        self.running = threading.Event()  # set once the loop runs
         self._accept_paused_until = 0.0
         self.totals: collections.Counter[str] = collections.Counter()  # EVENTS since start
         self._logged: dict[str, int] = {}
@@ -110,6 +111,7 @@ class FrontStage:
     def run(self, expiration_interval: float) -> None:
         """Serve until :meth:`stop` (``expiration_interval`` is cheroot's; unused)."""
         self._serving = True
+        self.running.set()
         try:
             while not self._stop_requested:
                 self._once()

@@ -328,6 +328,9 @@ class IngestServer:
             thread = threading.Thread(target=self._serve, args=(srv,), name=f"ingest-{label}")
             thread.start()
             self.threads.append(thread)
+        for _, srv in self.servers:  # serving (and cheroot's helper thread started)
+            if srv.front is not None and not srv.front.running.wait(30):
+                raise RuntimeError("a listener did not start serving")
         bound = Bound(self.servers[0][1].bind_addr,
                       self.servers[1][1].bind_addr if len(self.servers) > 1 else None)
         log.info("listening on https://%s%s", _join(bound.https),
