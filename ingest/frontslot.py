@@ -9,16 +9,18 @@ deadlines, the selector, the limits and the hand-over to workers are its busines
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import re
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 
 from ingest.connection import GridConnection
 
-__all__ = ["EVENTS", "DoorLimits", "Phase", "Slot", "Step", "handshake_problem", "http_answer"]
+__all__ = ["EVENTS", "Census", "DoorLimits", "Phase", "Slot", "Step", "handshake_problem", "http_answer"]
 
 RECEIVE_SIZE = 1 << 16
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -50,6 +52,51 @@ EVENTS = {  # what ``FrontStage.totals`` counts
     "discard_timeout": "closed while discarding an unread body (too slow)",
     "out_of_files": "accept failed (out of file descriptors)",
 }
+
+
+class Census:
+    """Open connections, in all and per client address; thread-safe (workers close them)."""
+
+    def __init__(self, max_connections: int, max_per_client: int) -> None:
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self._lock = threading.Lock()
+        self._total = 0
+        self._per_client: collections.Counter[str] = collections.Counter()
+        self._refusing: collections.Counter[str] = collections.Counter()
+
+    @property
+    def total(self) -> int:
+        """Connections open now."""
+        with self._lock:
+            return self._total
+
+    def judge(self, client: str) -> tuple[bool, bool, bool]:
+        """For a new connection of ``client``: (over its limit: answer 503, twice over it:
+        close at once, no room left in all)."""
+        limit = self.max_per_client
+        with self._lock:
+            refused = bool(limit) and self._per_client[client] >= limit
+            hopeless = refused and self._refusing[client] >= limit
+            return refused, hopeless, self._total >= self.max_connections
+
+    def add(self, client: str, refused: bool) -> None:
+        """A connection of ``client`` was taken (``refused``: to be answered 503)."""
+        with self._lock:
+            self._total += 1
+            self._per_client[client] += 1
+            if refused:
+                self._refusing[client] += 1
+
+    def remove(self, client: str, refused: bool) -> None:
+        """A connection of ``client`` was closed."""
+        with self._lock:
+            self._total -= 1
+            for counter in (self._per_client, self._refusing) if refused \
+                    else (self._per_client,):
+                counter[client] -= 1
+                if counter[client] <= 0:
+                    del counter[client]
 
 
 class Phase(enum.Enum):
@@ -144,6 +191,11 @@ class Slot:
             self.failure = (reason, bad_certificate,
                             isinstance(err, (ssl.SSLEOFError, ConnectionError)))
             return Step.FAILED
+        # TLS 1.3 without tickets: nothing of ours follows the client's Finished, so its ACK
+        # would be delayed (40 ms), and a client with Nagle's algorithm on holds its request
+        # back until then. Acknowledge at once.
+        with contextlib.suppress(OSError, AttributeError):
+            self.conn.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return Step.HANDSHAKEN
 
     def read_head(self, max_head: int) -> Step:

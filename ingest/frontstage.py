@@ -37,7 +37,16 @@ import time
 from typing import Any
 
 from ingest.connection import LINGER_SECONDS, MIN_RATE, GridConnection
-from ingest.frontslot import EVENTS, RECEIVE_SIZE, DoorLimits, Phase, Slot, Step, http_answer
+from ingest.frontslot import (
+    EVENTS,
+    RECEIVE_SIZE,
+    Census,
+    DoorLimits,
+    Phase,
+    Slot,
+    Step,
+    http_answer,
+)
 
 __all__ = ["FrontStage"]
 
@@ -77,10 +86,7 @@ class FrontStage:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, READ, self._wake_r)
-        self._lock = threading.Lock()  # the counts below change in workers too (closes)
-        self._open = 0
-        self._per_client: collections.Counter[str] = collections.Counter()
-        self._refusing: collections.Counter[str] = collections.Counter()
+        self.census = Census(limits.max_connections, limits.max_per_client)
         self._inbox: collections.deque[tuple[Slot, Phase]] = collections.deque()
         self._held: collections.OrderedDict[Slot, None] = collections.OrderedDict()  # LRU
         self._deadlines: list[tuple[float, int, Slot]] = []
@@ -151,17 +157,12 @@ class FrontStage:
         if slot is None:
             return
         slot.phase = Phase.CLOSED
-        with self._lock:
-            self._open -= 1
-            _decrement(self._per_client, slot.client)
-            if slot.refused:
-                _decrement(self._refusing, slot.client)
+        self.census.remove(slot.client, slot.refused)
 
     @property
     def open_connections(self) -> int:
         """Connections open now (held here, queued for or served by workers)."""
-        with self._lock:
-            return self._open
+        return self.census.total
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -204,6 +205,8 @@ class FrontStage:
                 sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except (ConnectionError, PermissionError):  # reset before accepted, firewall
+                continue
             except OSError as err:
                 if err.errno not in _OUT_OF_FILES:
                     raise
@@ -213,20 +216,22 @@ class FrontStage:
                     self._selector.unregister(self.listener)
                     self._accept_paused_until = time.monotonic() + 0.1
                 return
-            self._admit(sock, address)
+            try:
+                self._admit(sock, address)
+            except OSError as err:  # the peer is gone already
+                log.debug("%s: cannot take the connection: %s", address[0], err)
+                sock.close()
 
     def _admit(self, sock: socket.socket, address: Any) -> None:
         client = str(address[0])
-        limit = self.limits.max_per_client
-        with self._lock:
-            refused = bool(limit) and self._per_client[client] >= limit
-            hopeless = refused and self._refusing[client] >= limit
-            full = self._open >= self.limits.max_connections
+        refused, hopeless, full = self.census.judge(client)
         if hopeless or (full and not self._evict()):
             self._note("client_limit" if hopeless else "full")
             sock.close()
             return
         sock.setblocking(False)
+        with contextlib.suppress(OSError):  # answers are written in pieces: no Nagle delay
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.adapter is not None:
             try:
                 sock = self.adapter.wrap(sock)[0]
@@ -241,17 +246,16 @@ class FrontStage:
         slot = Slot(conn, client, refused, Phase.HANDSHAKE if tls else Phase.HEAD,
                     self._scratch)
         conn.slot = slot
-        with self._lock:
-            self._open += 1
-            self._per_client[client] += 1
-            if refused:
-                self._refusing[client] += 1
+        self.census.add(client, refused)
         if refused:
             self._note("refused")
         self._held[slot] = None
         limits = self.limits
         self._set_deadline(slot, limits.handshake_timeout if tls else limits.header_timeout)
-        self._want(slot, READ)
+        try:
+            self._want(slot, READ)
+        except (OSError, ValueError):
+            self._close(slot)
 
     def _evict(self) -> bool:
         """Close the connection held here that was active least recently; False if none."""
@@ -473,8 +477,3 @@ def _join(sock: socket.socket) -> str:
         return "closed"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-
-def _decrement(counter: collections.Counter[str], key: str) -> None:
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]
