@@ -13,6 +13,7 @@ hang guards. "Within a second" is measured by ``python -m tests.bench.bench_fron
 from __future__ import annotations
 
 import re
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,3 +332,37 @@ def test_the_servers_still_work(strict: Door, small: Door, patient: Door) -> Non
     for door in (strict, small, patient):
         door.alive()
         assert "Traceback" not in door.ingest.log()
+
+
+def test_stop_finishes_uploads_in_flight_and_drops_waiting_connections(tmp_path: Path) -> None:
+    door = Door(tmp_path, threads=4, handshake_timeout=LONG, header_timeout=LONG,
+                idle_timeout=LONG)
+    body = b"\x1f\x8b" + bytes(2_000_000)
+    try:
+        with many([]) as waiting, door.tls.connect() as upload:
+            for i in range(100):
+                waiting.append(door.tls.tcp(source(i, net=7)))
+            for i in range(20):
+                waiting.append(door.tls.connect(source(i, net=8)))  # handshaken, silent
+            upload.sendall(b"POST /pubapi/publish?cid=grp/inflight HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body[:100_000])
+            tmp = door.config.server.spool / "tmp"
+            wait_for(lambda: any(tmp.iterdir()), 30, door.ingest.log)  # the upload is on
+            door.ingest.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: refused(door), 30, "still accepting after SIGTERM")
+            upload.sendall(body[100_000:])
+            assert read_answer(upload).text == "OK\n"  # finished, although stopping
+            for sock in waiting:  # closed, without an answer
+                assert wait_closed(sock) == b""
+        assert door.ingest.proc.wait(60) == 0, door.ingest.log()
+    finally:
+        door.stop()
+    assert (door.config.server.spool / "incoming" / "grp%2Finflight").is_dir()
+
+
+def refused(door: Door) -> bool:
+    try:
+        door.tls.tcp().close()
+    except OSError:
+        return True
+    return False
