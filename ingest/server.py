@@ -1,10 +1,13 @@
 """The ingest process: cheroot over TLS (grid proxies allowed), plus an optional plain listener.
 
-The builtin TLS adapter is extended to expose the verified client chain as
-``SSL_CLIENT_CERT_CHAIN_<n>`` (leaf first; cheroot gives the application only the leaf) and to
-leave the handshake to the worker thread (see :mod:`ingest.connection`).
-The SSL context is rebuilt every ``context_reload_seconds``: a running context never sees a
-CRL updated on disk. ``run_ingest`` is the entry point of ``userpub ingest``.
+Each listener is a cheroot WSGI server whose connection manager is our front stage
+(:mod:`ingest.frontstage`): TLS handshakes and request heads are done there without a worker
+thread, under the time and count limits of ``[ingest]``. The builtin TLS adapter is extended
+to expose the verified client chain as ``SSL_CLIENT_CERT_CHAIN_<n>`` (leaf first; cheroot
+gives the application only the leaf) and to wrap without handshaking (the front stage
+handshakes without blocking). The SSL context is rebuilt every ``context_reload_seconds``: a
+running context never sees a CRL updated on disk. ``run_ingest`` is the entry point of
+``userpub ingest``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import os
 import re
+import resource
 import socket
 import ssl
 import threading
@@ -25,10 +29,14 @@ from cheroot import errors as cheroot_errors
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ingest.app import make_app, make_plain_app, with_apache_paths
 from ingest.auth import CHAIN_PREFIX, Authenticator
 from ingest.connection import connection_class
+from ingest.frontslot import EVENTS, DoorLimits
+from ingest.frontstage import FrontStage
 from ingest.readiness import Readiness
 from ingest.stratum0 import with_stratum0
 from metrics import IngestMetrics
@@ -38,13 +46,16 @@ from userpub.config import Config, IngestConfig, split_address
 from userpub.daemon import Waker
 from userpub.errors import ServiceError
 
-__all__ = ["Bound", "GridSSLAdapter", "IngestError", "IngestServer", "build_context", "run_ingest",
-           "verified_chain", "write_ready_file"]
+__all__ = ["Bound", "GatedServer", "GridSSLAdapter", "IngestError", "IngestServer",
+           "build_context", "raise_file_limit", "run_ingest", "verified_chain",
+           "write_ready_file"]
 
 log = logging.getLogger("userpub.ingest")
 
 PLAIN_MAX_BODY = 64 * 1024
+PLAIN_THREADS = 4
 MAX_HEADER_BYTES = 64 * 1024
+SPARE_FILES = 256  # descriptors besides connections: spool files, logs, libraries, ...
 
 
 
@@ -108,7 +119,7 @@ def verified_chain(sock: ssl.SSLSocket) -> list[bytes]:
 
 
 class GridSSLAdapter(BuiltinSSLAdapter):
-    """cheroot's builtin adapter, exposing the verified chain, handshaking in the worker."""
+    """cheroot's builtin adapter, exposing the verified chain; the front stage handshakes."""
 
     def __init__(self, cfg: IngestConfig) -> None:
         context = build_context(cfg)
@@ -116,7 +127,7 @@ class GridSSLAdapter(BuiltinSSLAdapter):
         self.context = context
 
     def wrap(self, sock: socket.socket) -> tuple[ssl.SSLSocket, dict[str, Any]]:
-        """Wrap without handshaking: the worker thread does that (see GridConnection)."""
+        """Wrap without handshaking: the front stage does that, without blocking."""
         try:
             return self.context.wrap_socket(sock, server_side=True,
                                             do_handshake_on_connect=False), {}
@@ -132,6 +143,64 @@ class GridSSLAdapter(BuiltinSSLAdapter):
 
 
 # -- the process ------------------------------------------------------------------------------
+
+
+class GatedServer(wsgi.Server):
+    """cheroot's WSGI server with :class:`FrontStage` as its connection manager."""
+
+    limits: DoorLimits
+    on_handshake_failure: Any = None
+    front: FrontStage | None = None
+
+    def prepare(self) -> None:
+        """Bind and listen (cheroot), then put the front stage in place of its manager."""
+        super().prepare()
+        manager: Any = self._connections
+        manager.close()  # cheroot's: it only watched the listening socket
+        self.front = FrontStage(self, self.limits, self.ssl_adapter, self.on_handshake_failure)
+        self._connections: Any = self.front
+
+
+class FrontDoorCollector(Collector):
+    """``userpub_connections{listener,state}`` and ``userpub_front_door_events_total``."""
+
+    def __init__(self, servers: list[tuple[str, GatedServer]]) -> None:
+        self.servers = servers
+
+    def collect(self) -> list[Metric]:
+        """The current values (read without locking: a scrape may be a moment stale)."""
+        connections = GaugeMetricFamily(
+            "userpub_connections", "Open connections by listener: held by the front stage "
+            "(handshake, head, idle, lingering) or given to a worker (queued or served).",
+            labels=["listener", "state"])
+        events = CounterMetricFamily(
+            "userpub_front_door_events", "Connections refused, evicted or timed out by the "
+            "front stage, by listener and event.", labels=["listener", "event"])
+        for label, srv in self.servers:
+            stage = srv.front
+            if stage is None:
+                continue
+            held, total = stage.held, stage.open_connections
+            connections.add_metric([label, "front"], held)
+            connections.add_metric([label, "worker"], max(0, total - held))
+            totals = dict(stage.totals)
+            for event in EVENTS:
+                events.add_metric([label, event], totals.get(event, 0))
+        return [connections, events]
+
+
+def raise_file_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to at least ``needed``; IngestError if the hard limit is
+    lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise IngestError(f"max_connections needs {needed} open files but the hard limit "
+                    f"(RLIMIT_NOFILE, systemd LimitNOFILE=) is {hard}: lower max_connections "
+                    "or raise the limit")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return needed
+    return soft
 
 
 @dataclass(frozen=True)
@@ -181,18 +250,27 @@ class IngestServer:
         self.registry = registry
         self.metrics = metrics or IngestMetrics(registry)
         self.authenticator = authenticator or Authenticator.from_config(self.cfg)
-        self.servers: list[tuple[str, wsgi.Server]] = []
+        self.servers: list[tuple[str, GatedServer]] = []
         self.threads: list[threading.Thread] = []
         self.failure: BaseException | None = None
         self.adapter: GridSSLAdapter | None = None
         self.readiness: Readiness | None = None
+        self.collector: FrontDoorCollector | None = None
 
     def _server(self, address: tuple[str, int], app: Any, threads: int, body_limit: int
-                ) -> wsgi.Server:
-        timeout = max(1, round(self.cfg.socket_timeout))
-        srv = wsgi.Server(address, app, numthreads=threads, timeout=timeout,
-                          shutdown_timeout=timeout, request_queue_size=128, server_name="userpub")
-        srv.ConnectionClass = connection_class(self._handshake_failed, body_limit)
+                ) -> GatedServer:
+        cfg = self.cfg
+        timeout = max(1, round(cfg.socket_timeout))
+        srv = GatedServer(address, app, numthreads=threads, timeout=timeout,
+                          shutdown_timeout=timeout, request_queue_size=1024,
+                          server_name="userpub")
+        srv.limits = DoorLimits(
+            handshake_timeout=cfg.handshake_timeout, header_timeout=cfg.header_timeout,
+            idle_timeout=cfg.idle_timeout, body_timeout=cfg.socket_timeout,
+            max_connections=cfg.max_connections,
+            max_per_client=cfg.max_connections_per_client, max_head=MAX_HEADER_BYTES)
+        srv.on_handshake_failure = self._handshake_failed
+        srv.ConnectionClass = connection_class(body_limit)
         srv.max_request_header_size = MAX_HEADER_BYTES
         # 0: cheroot must not answer 413 itself (no log line, no metrics); the app checks
         # Content-Length and the connection classes bound chunked and unread bodies.
@@ -232,9 +310,12 @@ class IngestServer:
             plain_app = with_apache_paths(with_stratum0(
                 make_plain_app(self.config, self.metrics, self.registry, self.readiness),
                 self.config))
-            plain = self._server(split_address(self.cfg.http_listen), plain_app, 4,
-                                 PLAIN_MAX_BODY)
+            plain = self._server(split_address(self.cfg.http_listen), plain_app,
+                                 PLAIN_THREADS, PLAIN_MAX_BODY)
             self.servers.append(("http", plain))
+        threads = self.cfg.threads + (PLAIN_THREADS if self.cfg.http_listen else 0)
+        files = raise_file_limit(len(self.servers) * self.cfg.max_connections + 4 * threads
+                                 + SPARE_FILES)
         try:
             for label, srv in self.servers:
                 _check_bindable(srv.bind_addr, label)
@@ -246,24 +327,31 @@ class IngestServer:
         except BaseException:
             self.stop()
             raise
+        self.collector = FrontDoorCollector(list(self.servers))
+        self.registry.register(self.collector)
         for label, srv in self.servers:
             thread = threading.Thread(target=self._serve, args=(srv,), name=f"ingest-{label}")
             thread.start()
             self.threads.append(thread)
+        for _, srv in self.servers:  # serving (and cheroot's helper thread started)
+            if srv.front is not None and not srv.front.running.wait(30):
+                raise RuntimeError("a listener did not start serving")
         bound = Bound(self.servers[0][1].bind_addr,
                       self.servers[1][1].bind_addr if len(self.servers) > 1 else None)
         log.info("listening on https://%s%s", _join(bound.https),
                  f" and http://{_join(bound.http)}" if bound.http else "")
         cfg = self.cfg
-        log.info("threads %d, max upload %d bytes, spool reserve %d bytes, limited proxies %s, "
+        log.info("threads %d, connections at most %d (%s per client, open files %d), "
+                 "max upload %d bytes, spool reserve %d bytes, limited proxies %s, "
                  "CRL check %s, TLS context rebuilt every %.0f s, token issuers: %s",
-                 cfg.threads, cfg.max_upload_bytes, cfg.spool_reserve_bytes,
+                 cfg.threads, cfg.max_connections, cfg.max_connections_per_client or "no limit",
+                 files, cfg.max_upload_bytes, cfg.spool_reserve_bytes,
                  "accepted" if cfg.allow_limited_proxies else "refused",
                  "on" if cfg.crl_check else "off", cfg.context_reload_seconds,
                  ", ".join(cfg.token_issuers) or "none")
         return bound
 
-    def _serve(self, srv: wsgi.Server) -> None:
+    def _serve(self, srv: GatedServer) -> None:
         try:
             srv.serve()
         except BaseException as err:  # a dead listener must take the process down
@@ -295,6 +383,9 @@ class IngestServer:
                 srv.stop()
         for thread in self.threads:
             thread.join()
+        if self.collector is not None:
+            self.registry.unregister(self.collector)
+            self.collector = None
         self.servers.clear()
         self.threads.clear()
 

@@ -109,6 +109,11 @@ class IngestConfig:
     stamp_on_exists_seconds: float = 3600.0
     # judge each upload's tar stream while it arrives (a bad tarball fails the POST)
     check_uploads: bool = True
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_client: int = 64
 
 
 @dataclass(frozen=True)
@@ -378,7 +383,20 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
         stamp_on_exists_seconds=sec.number("stamp_on_exists_seconds",
                                            d.stamp_on_exists_seconds, minimum=1.0),
         check_uploads=sec.boolean("check_uploads", d.check_uploads),
+        handshake_timeout=sec.number("handshake_timeout", d.handshake_timeout, minimum=1.0),
+        header_timeout=sec.number("header_timeout", d.header_timeout, minimum=1.0),
+        idle_timeout=sec.number("idle_timeout", d.idle_timeout, minimum=1.0),
+        max_connections=sec.integer("max_connections", d.max_connections, minimum=16,
+                                    maximum=1_000_000),
+        max_connections_per_client=sec.integer("max_connections_per_client",
+                                               d.max_connections_per_client),
     )
+    if cfg.max_connections < cfg.threads:
+        sec.problems.append(f"{sec.where}.max_connections: must be at least threads "
+                            f"({cfg.threads})")
+    if cfg.max_connections_per_client > cfg.max_connections:
+        sec.problems.append(f"{sec.where}.max_connections_per_client: must be at most "
+                            f"max_connections ({cfg.max_connections})")
     for issuer in cfg.token_issuers:
         if not issuer.startswith("https://"):
             sec.problems.append(f"{sec.where}.token_issuers: {issuer!r} is not an https:// URL")

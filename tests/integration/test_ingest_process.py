@@ -8,6 +8,7 @@ from F.
 from __future__ import annotations
 
 import hashlib
+import resource
 import shutil
 import signal
 import socket
@@ -149,6 +150,15 @@ def test_startup_problems_are_one_fatal_line(tmp_path, pki):
     fatal = [line for line in out.stderr.splitlines() if line.startswith("fatal:")]
     assert fatal == [f"fatal: cannot listen on https 127.0.0.1:{port}: Address already in use"]
     assert "Traceback" not in out.stderr
+    # too few file descriptors for max_connections on both listeners
+    config = ingest_config(tmp_path / "files", pki, max_connections=4096)
+    out = subprocess.run(ingest_argv(config.path, tmp_path / "ready"), capture_output=True,
+                         text=True, timeout=60, cwd=REPO_ROOT, check=False,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                               (1024, 1024)))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    fatal = [line for line in out.stderr.splitlines() if line.startswith("fatal:")]
+    assert len(fatal) == 1 and "max_connections needs" in fatal[0] and "is 1024" in fatal[0]
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a key\n")
     cases = [
