@@ -116,12 +116,14 @@ def with_apache_paths(app: Any) -> Any:
 
 
 def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetrics,
-             authenticator: Authenticator, readiness: Readiness) -> bottle.Bottle:
-    """The HTTPS API."""
+             authenticator: Authenticator, readiness: Readiness,
+             stamps: StampLimiter | None = None) -> bottle.Bottle:
+    """The HTTPS API; ``stamps`` limits the stamps of ``exists`` (default: the configured
+    interval)."""
     if config.ingest is None:
         raise ValueError("the configuration has no [ingest] section")
     api = Api(config, config.ingest, spool, catalog, metrics, authenticator,
-              StampLimiter(config.ingest.stamp_on_exists_seconds))
+              stamps or StampLimiter(config.ingest.stamp_on_exists_seconds))
     app = ApiApp(metrics)
     _route(app, "/pubapi/ping", "ping", partial(handlers.ping, readiness))
     _route(app, "/pubapi/config", "config", lambda environ: handlers.config_answer(config))

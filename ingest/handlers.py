@@ -32,7 +32,7 @@ from publisher.repositories.catalog import Catalog
 from publisher.tarball import UnpackLimits
 from spool import CidMismatch, DropResult, Spool, State
 from userpub.config import Config, IngestConfig
-from userpub_client.cid import InvalidCid, cid_digest, normalize_cid
+from userpub_client.cid import InvalidCid, normalize_cid
 
 __all__ = ["Api", "StampLimiter", "config_answer", "exists", "metrics_answer", "ping", "publish", "status",
            "update"]
@@ -229,10 +229,8 @@ def publish(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
         return reply("200 OK", "OK\n")
     if not api.has_room(length or 0):
         raise insufficient_storage(close=length is None)
-    named = cid_digest(cid)
     try:  # the entry's directory, the body, and meta.json at commit all take room
-        with api.spool.writer(cid, identity.submitter,
-                              digests=[named[0]] if named else []) as writer:
+        with api.spool.writer(cid, identity.submitter) as writer:
             size = api.receive(environ, length, writer.write, api.upload_check(cid))
             try:
                 writer.check_cid()  # nobody publishes under the hash of someone else's tarball

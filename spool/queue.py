@@ -184,11 +184,11 @@ class Spool:
     # -- writing ---------------------------------------------------------------------------
 
     def writer(self, cid: str, submitter: str, kind: Kind = Kind.PUBLISH,
-               digests: Iterable[str] = ()) -> EntryWriter:
+               digests: Iterable[str] | None = None) -> EntryWriter:
         """Start a new entry in tmp/; write the payload, then commit() or discard().
 
-        The payload's sha256 is always computed; ``digests`` names more (e.g. ``sha1``), all
-        recorded in the entry's metadata.
+        ``digests`` names the hashes of the payload to compute and record in the entry's
+        metadata (default: the one the CID names, else sha256): one hash per upload.
         """
         return EntryWriter(self, validate_cid(cid), submitter, kind, digests)
 
@@ -197,9 +197,8 @@ class Spool:
 
         A CID naming a hash (:func:`cid_digest`) must be the tarball's: CidMismatch if not.
         """
-        named = cid_digest(cid) if cid else None
         with self.writer(cid or "pending", submitter,
-                         digests=[named[0]] if named else []) as w, source.open("rb") as fh:
+                         digests=None if cid else ["sha256"]) as w, source.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 w.write(chunk)
             w.cid = validate_cid(cid or w.sha256)
@@ -406,7 +405,7 @@ class EntryWriter:
     """Writes one entry in tmp/ and makes it visible in incoming/ with one rename."""
 
     def __init__(self, spool: Spool, cid: str, submitter: str, kind: Kind,
-                 digests: Iterable[str] = ()) -> None:
+                 digests: Iterable[str] | None = None) -> None:
         self.spool = spool
         self.cid = cid
         self.submitter = submitter
@@ -414,7 +413,10 @@ class EntryWriter:
         self.dir = spool.tmp / unique_id()
         self.dir.mkdir()
         self.size = 0
-        self._hashes = {name: hashlib.new(name) for name in ("sha256", *digests)}
+        if digests is None:
+            named = cid_digest(cid)
+            digests = [named[0] if named else "sha256"]
+        self._hashes = {name: hashlib.new(name) for name in digests}
         self._fd: int | None = None
         if kind is Kind.PUBLISH:
             self._fd = os.open(self.dir / PAYLOAD, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -432,11 +434,11 @@ class EntryWriter:
 
     @property
     def sha256(self) -> str:
-        """Hex sha256 of the payload written so far."""
-        return self._hashes["sha256"].hexdigest()
+        """Hex sha256 of the payload written so far (when it is computed)."""
+        return self.digest("sha256")
 
     def digest(self, algorithm: str) -> str:
-        """Hex digest of the payload written so far (``sha256`` or one asked for at start)."""
+        """Hex digest of the payload written so far (a hash asked for at the start)."""
         return self._hashes[algorithm].hexdigest()
 
     def check_cid(self) -> None:

@@ -174,3 +174,19 @@ def publishers_alive(config: Config) -> Iterator[None]:
     finally:
         for lock in locks:
             lock.release()
+
+
+def tar_body(size: int, seed: int = 0) -> bytes:
+    """A valid uncompressed tarball of exactly ``size`` bytes (at least 1024): one member of
+    random bytes when there is room, the end-of-archive marker, then zeros (all allowed)."""
+    import random
+
+    if size < 1024:
+        raise ValueError("a tarball has at least 1024 bytes (the end-of-archive marker)")
+    data_size = (size - 512 - 1024) // 512 * 512
+    if data_size <= 0:
+        return bytes(size)  # all zeros: an empty archive
+    info = tarfile.TarInfo("payload.bin")
+    info.size, info.mtime, info.mode = data_size, 1_700_000_000, 0o644
+    out = info.tobuf(tarfile.USTAR_FORMAT) + random.Random(seed).randbytes(data_size)
+    return out + bytes(size - len(out))

@@ -85,6 +85,13 @@ class TestPKI:
         return str(self.files[name]), str(self.files[name])
 
 
+def _toml(value: object) -> str:
+    """A TOML value (JSON's syntax, but for tables)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
 def ingest_config(directory: Path, pki: TestPKI, *, http: bool = True, repos: int = 2,
                   **ingest: object) -> Config:
     """A site under ``directory`` with an ``[ingest]`` section on ephemeral ports."""
@@ -97,7 +104,7 @@ def ingest_config(directory: Path, pki: TestPKI, *, http: bool = True, repos: in
     if http:
         values["http_listen"] = "127.0.0.1:0"
     values.update(ingest)
-    lines = ["[ingest]"] + [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    lines = ["[ingest]"] + [f"{key} = {_toml(value)}" for key, value in values.items()]
     path = write_config(directory, repos, extra="\n".join(lines) + "\n")
     return load_config(path)
 

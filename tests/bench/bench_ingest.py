@@ -6,6 +6,10 @@
   ``client_body_buffer_size 1m``, one worker; it gets the user certificate, since nginx
   cannot verify proxies). Medians of ``--runs`` back-to-back pairs; the
   ratio ours/nginx is the figure of merit (goal >= 0.7).
+* What the upload's checks cost, back to back in the same run: the same tarball under a plain
+  CID, under ``<group>/<its sha256>`` (the hash is computed anyway: the check is a comparison)
+  and ``<group>/<its sha1>`` (one more hash on the writer's thread); and a gzip tarball judged
+  while it streams (``check_uploads``, the default) against a second server with the judge off.
 * ``exists`` requests per second over TLS with keep-alive: curl with many URLs per connection,
   one connection and ``--parallel`` connections.
 
@@ -15,12 +19,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -169,27 +175,86 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _tarball(path: Path, size: int, block: bytes) -> None:
+    """A valid uncompressed tarball of ``size`` bytes: one member of ``block`` repeated."""
+    info = tarfile.TarInfo("data.bin")
+    info.size = size - 512 - 1024
+    with path.open("wb") as fh:
+        fh.write(info.tobuf(tarfile.GNU_FORMAT))
+        left = info.size
+        while left:
+            piece = block[:min(left, len(block))]
+            fh.write(piece)
+            left -= len(piece)
+        fh.write(bytes(1024))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _gzip_tarball(path: Path, size: int) -> None:
+    """A gzip tarball of about ``size`` bytes of compressible, source-like text."""
+    from isal import igzip
+
+    words = [os.urandom(4).hex() for _ in range(4096)]
+    lines = b"".join(f"{words[i % 4096]} = {words[(i * 7) % 4096]}({i})\n".encode()
+                     for i in range(60_000))
+    raw = path.with_suffix(".raw")
+    _tarball(raw, size * 3, lines)
+    with raw.open("rb") as src, igzip.open(path, "wb", compresslevel=1) as out:
+        shutil.copyfileobj(src, out, MIB)
+    raw.unlink()
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with path.open("rb") as fh:
+        while chunk := fh.read(MIB):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 def _run(work: Path, size: int, args: argparse.Namespace) -> int:
     pki = TestPKI(work / "pki")
     source = work / "upload.tar"
-    block = os.urandom(MIB)
-    with source.open("wb") as fh:
-        for _ in range(size // MIB):
-            fh.write(block)
-        fh.flush()
+    _tarball(source, size, os.urandom(MIB))
+    with source.open("rb") as fh:
         started = time.monotonic()
         os.fsync(fh.fileno())
         flush = time.monotonic() - started
     print(f"for reference: flushing {size / MIB:.0f} MiB to this disk (fsync) took {flush:.2f} s; "
           "userpub fsyncs each upload before answering OK, nginx does not")
-    config = ingest_config(work / "site", pki, http=False, max_upload_bytes=size + MIB,
+    config = ingest_config(work / "site", pki, http=False, max_upload_bytes=4 * size + MIB,
                            threads=16)
     ours = IngestProcess(config, work / "ingest.log")
+    nocheck = ingest_config(work / "site-nocheck", pki, http=False, max_upload_bytes=4 * size + MIB,
+                            threads=16, check_uploads=False)
+    unjudged = IngestProcess(nocheck, work / "nocheck.log")
     nginx = Nginx(work / "nginx", pki)
     times: dict[str, list[float]] = {"userpub": [], "nginx": []}
     cpu: dict[str, list[float]] = {"userpub": [], "nginx": []}
+    checks: dict[str, list[float]] = {"plain": [], "sha256": [], "sha1": [], "gzip judged": [],
+                                      "gzip not judged": [], "plain not judged": []}
+    gz = work / "upload.tar.gz"
+    _gzip_tarball(gz, size)
+    sha256, sha1 = _digest(source, "sha256"), _digest(source, "sha1")
+    check_cpu: dict[str, list[float]] = {k: [] for k in checks}
     try:
         for i in range(args.runs):
+            uploads = [  # (name, server, cid, file)
+                ("plain", ours, f"bench/plain{i}", source),
+                ("sha256", ours, f"bench{i}/{sha256}", source),
+                ("sha1", ours, f"bench{i}/{sha1}", source),
+                ("plain not judged", unjudged, f"bench/plain{i}", source),
+                ("gzip judged", ours, f"bench/gz{i}", gz),
+                ("gzip not judged", unjudged, f"bench/gz{i}", gz)]
+            for name, server, cid, path in uploads[i % 6:] + uploads[:i % 6]:  # rotate the order
+                before = cpu_seconds([server.pid])
+                checks[name].append(curl_upload(f"https://{server.https}/pubapi/publish?cid={cid}",
+                                                path, pki, "POST", "proxy"))
+                check_cpu[name].append(cpu_seconds([server.pid]) - before)
+            for spool in (config.server.spool, nocheck.server.spool):
+                shutil.rmtree(spool / "incoming", ignore_errors=True)
+                (spool / "incoming").mkdir()
             before = cpu_seconds([ours.pid])
             times["userpub"].append(curl_upload(
                 f"https://{ours.https}/pubapi/publish?cid=bench/run{i}", source, pki, "POST",
@@ -212,12 +277,26 @@ def _run(work: Path, size: int, args: argparse.Namespace) -> int:
         print(f"server CPU per GiB (median): userpub {per_gib['userpub']:.2f} s, "
               f"nginx {per_gib['nginx']:.2f} s")
         print(f"userpub server peak RSS: {peak_rss_mib(ours.pid):.1f} MiB")
+        median = {k: statistics.median(v) for k, v in checks.items()}
+        work_s = {k: statistics.median(v) for k, v in check_cpu.items()}
+        print("the upload's checks, medians of wall time / server CPU seconds: " + ", ".join(
+            f"{k} {median[k]:.2f}/{work_s[k]:.2f}" for k in checks))
+
+        def ratio(a: str, b: str) -> str:
+            return f"{median[a] / median[b]:.2f} (CPU {work_s[a] / work_s[b]:.2f})"
+
+        print(f"hash check cost ratio: sha256-named/plain {ratio('sha256', 'plain')}, "
+              f"sha1-named/plain {ratio('sha1', 'plain')} (goal <= 1.05)")
+        print(f"judging while it streams, judged/unjudged: {size / MIB:.0f} MiB plain tarball "
+              f"{ratio('plain', 'plain not judged')}, {gz.stat().st_size / MIB:.0f} MiB gzip "
+              f"tarball {ratio('gzip judged', 'gzip not judged')}")
         for parallel in (1, 8):
             rps = exists_rate(f"https://{ours.https}", pki, work, args.requests, parallel)
             print(f"exists over TLS, keep-alive, {parallel} connection(s): {rps:.0f} requests/s")
     finally:
         nginx.stop()
         ours.stop()
+        unjudged.stop()
     return 0
 
 

@@ -146,11 +146,10 @@ def test_a_rejected_tarball_fails_with_the_reason(site, tmp_path):
     junk.write_bytes(b"\x1f\x8b\x08\x00" + os.urandom(4000))  # gzip magic, garbage after
     done = site.userpub("client", "publish", str(junk), "--cid", "grp/junk",
                         X509_USER_PROXY=str(site.pki["proxy"]))
-    assert done.returncode == 6, done.stderr
-    assert "publication of grp/junk failed:" in done.stderr
+    assert done.returncode == 4, done.stderr  # refused by the upload itself, with the reason
+    assert "corrupt gzip stream" in done.stderr
     status = site.userpub("client", "status", "grp/junk", X509_USER_PROXY=str(site.pki["proxy"]))
-    assert status.returncode == 6
-    assert status.stdout.startswith("FAILED:")
+    assert (status.returncode, status.stdout) == (3, "MISSING\n")
 
 
 def test_a_stranger_is_refused_before_uploading(site, tmp_path):

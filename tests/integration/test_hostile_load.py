@@ -28,7 +28,7 @@ from tests.bench.bench_load import (
     report,
     run_load,
 )
-from tests.helpers import Daemon, wait_for
+from tests.helpers import Daemon, tar_body, wait_for
 from tests.integration.test_hostile_support import Api, IngestDaemon
 from tests.pki import TestPKI, ingest_config
 
@@ -90,7 +90,7 @@ class SlowClient(threading.Thread):
             with self.api.connect(timeout=120) as tls:
                 tls.sendall(b"POST /pubapi/publish?cid=%s HTTP/1.1\r\nHost: x\r\n"
                             b"Content-Length: 10000000\r\n\r\n" % self.cid.encode()
-                            + b"\x1f\x8b" + bytes(2000))
+                            + bytes(2002))
                 self.started.set()
                 tls.settimeout(self.every or 120)
                 while not self.stop.is_set():
@@ -164,7 +164,7 @@ def test_one_slow_client_does_not_delay_the_others(slow_site: SlowSite) -> None:
         wait_for(lambda: len(list(spool.tmp.iterdir())) == 3, 30, ingest.log)
         for _ in range(20):  # one worker is free: it answers at once, again and again
             assert exists_takes(api) < 1.5
-        assert api.publish("grp/fast", b"x" * MIB).text == "OK\n"
+        assert api.publish("grp/fast", tar_body(MIB)).text == "OK\n"
     finally:
         for c in slow:
             c.stop.set()

@@ -18,7 +18,7 @@ import requests
 
 from devsite.pki import make_proxy
 from spool import Spool
-from tests.helpers import publishers_alive, wait_for
+from tests.helpers import publishers_alive, tar_body, wait_for
 from tests.pki import STRANGER_DN, TestPKI, ingest_config, running_ingest
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -79,7 +79,7 @@ def publish_tree(config, cid, repo=0):
 
 def test_every_route_with_requests_as_jobsub_calls_it(site, tmp_path):
     tarball = tmp_path / "code.tar.gz"
-    tarball.write_bytes(b"\x1f\x8b" + b"t" * 300_000)
+    tarball.write_bytes(tar_body(300_002))
     r = site.get("/pubapi/config", cred=None)
     assert (r.status_code, r.text) == (200, "repos:repo1.example.org,repo2.example.org\n")
     assert site.get("/pubapi/ping", cred=None).text == "OK\n"
@@ -104,7 +104,7 @@ def test_every_route_with_requests_as_jobsub_calls_it(site, tmp_path):
 
 def test_every_route_with_curl(site, tmp_path):
     tarball = tmp_path / "code.tar.gz"
-    tarball.write_bytes(b"c" * 3_000_000)  # over 1 MiB: curl sends Expect: 100-continue
+    tarball.write_bytes(tar_body(3_000_000))  # over 1 MiB: curl sends Expect: 100-continue
     assert site.curl(tmp_path, "/pubapi/ping", cred=None)[:2] == ("200", b"OK\n")
     assert site.curl(tmp_path, "/pubapi/config")[:2] == (
         "200", b"repos:repo1.example.org,repo2.example.org\n")
@@ -243,7 +243,7 @@ def test_a_silent_client_does_not_block_the_others(site):
 def test_refused_curl_upload_sends_no_body(site, tmp_path, caplog):
     caplog.set_level(logging.INFO, "userpub.ingest.access")
     tarball = tmp_path / "big.tar"
-    tarball.write_bytes(b"b" * 20_000_000)
+    tarball.write_bytes(tar_body(20_000_000))
     code, body, head, _ = site.curl(tmp_path, "/pubapi/publish?cid=grp/x", "-T", str(tarball),
                                     "-X", "POST", cred="stranger")
     assert (code, body) == ("403", b"Unrecognized DN\n")
@@ -256,7 +256,7 @@ def test_refused_curl_upload_sends_no_body(site, tmp_path, caplog):
 
 def test_requests_client_sees_the_403_of_a_refused_upload(site, tmp_path):
     tarball = tmp_path / "big.tar"
-    tarball.write_bytes(b"b" * 20_000_000)
+    tarball.write_bytes(tar_body(20_000_000))
     with tarball.open("rb") as fh:
         r = site.post("/pubapi/publish?cid=grp/x", fh, cred="stranger")
     assert (r.status_code, r.text) == (403, "Unrecognized DN\n")

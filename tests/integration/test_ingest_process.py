@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import requests
 from prometheus_client import CollectorRegistry
 
 from ingest.server import IngestError, IngestServer
-from tests.helpers import REPO_ROOT, Daemon, make_tarball, wait_for
+from tests.helpers import REPO_ROOT, Daemon, make_tarball, tar_body, wait_for
 from tests.pki import IngestProcess, TestPKI, ingest_argv, ingest_config
 
 GIB = 1 << 30
@@ -83,10 +84,10 @@ def test_full_publish_flow(tmp_path, pki):
             assert client.publish(cid, fh).text == f"PRESENT:{path}\n"
         assert client.get("update", cid) == f"PRESENT:{path}\n"
         wait_for((config.repositories[0].root / "ts" / cid).exists, 30, publisher.log)
-        # a broken tarball is reported as FAILED with the publisher's reason
-        assert client.publish("fermilab/broken", b"this is not a tarball").text == "OK\n"
-        wait_for(lambda: client.get("status", "fermilab/broken").startswith("FAILED:"), 30,
-                 publisher.log)
+        # a broken tarball is refused by the upload itself, with the publisher's reason
+        r = client.publish("fermilab/broken", b"this is not a tarball")
+        assert (r.status_code, r.text) == (400, "Bad request: not a tar archive (too short)\n")
+        assert client.get("status", "fermilab/broken") == "MISSING\n"
         # the plain listener tells the repositories
         assert requests.get(f"http://{ingest.http}/pubapi/config", timeout=10).text == \
             "repos:repo1.example.org,repo2.example.org\n"
@@ -105,9 +106,11 @@ def test_sigterm_finishes_uploads_in_flight(tmp_path, pki):
     started = threading.Event()
     result: dict[str, object] = {}
 
+    body = tar_body(2_000_000)
+
     def slow_body():
-        for _ in range(20):
-            yield b"s" * 100_000
+        for i in range(20):
+            yield body[i * 100_000:(i + 1) * 100_000]
             started.set()
             time.sleep(0.1)
 
@@ -198,11 +201,15 @@ def _fails(client: Client) -> bool:
 
 
 class Zeros:
-    """``size`` bytes of zeros, read like a file (requests sends a Content-Length)."""
+    """A tarball of ``size`` bytes, read like a file (requests sends a Content-Length): one
+    member of zeros, whose padding and the end-of-archive marker are zeros too."""
 
     def __init__(self, size: int) -> None:
         self.left = size
         self.block = bytes(1 << 20)
+        info = tarfile.TarInfo("zeros")
+        info.size = size - 512 - 1024
+        self.head = info.tobuf(tarfile.GNU_FORMAT)
 
     def __len__(self) -> int:
         return self.left
@@ -210,7 +217,10 @@ class Zeros:
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
         self.left -= n
-        return self.block[:n] if n <= len(self.block) else bytes(n)
+        data = self.block[:n] if n <= len(self.block) else bytes(n)
+        if self.head:
+            data, self.head = self.head[:n] + data[len(self.head[:n]):], self.head[n:]
+        return data
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from spool import Spool
+from tests.helpers import tar_body
 from tests.pki import TestPKI, TokenIssuerServer, ingest_config, running_ingest
 
 AUD = "https://pub1.example.org"
@@ -58,7 +59,7 @@ def test_valid_token_publishes(site, pki, issuers):
     good = issuers.issuers["good"]
     assert call(site, pki, good.token(audience=AUD)).text == "MISSING\n"
     r = call(site, pki, good.token(audience="https://wlcg.cern.ch/jwt/v1/any"),
-             "/pubapi/publish?cid=grp/t1", data=b"tarball")
+             "/pubapi/publish?cid=grp/t1", data=tar_body(2048))
     assert (r.status_code, r.text) == (200, "OK\n")
     config = site[0]
     entry = Spool(config.server.spool).read_entry(config.server.spool / "incoming" / "grp%2Ft1")

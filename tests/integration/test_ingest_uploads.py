@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from spool import Spool
-from tests.helpers import wait_for
+from tests.helpers import tar_body, wait_for
 from tests.pki import TestPKI, ingest_config, running_ingest
 
 MIB = 1 << 20
@@ -70,7 +70,8 @@ def site(tmp_path, pki):
 
 
 def payload(size: int) -> bytes:
-    return (os.urandom(4096) * (size // 4096 + 1))[:size]
+    """A valid tarball of ``size`` bytes (the ingest judges what it receives)."""
+    return tar_body(size, seed=size)
 
 
 def queued(site, cid):
@@ -131,7 +132,7 @@ def test_client_disconnecting_mid_upload_leaves_nothing(site):
 def test_short_body_is_a_400(site):
     tls = site.connect()
     tls.sendall(b"POST /pubapi/publish?cid=grp/short HTTP/1.1\r\nHost: x\r\n"
-                b"Content-Length: 100000\r\n\r\n" + b"s" * 50_000)
+                b"Content-Length: 100000\r\n\r\n" + payload(50_000))
     with socket.socket(fileno=os.dup(tls.fileno())) as dup:
         dup.shutdown(socket.SHUT_WR)  # end of the request stream, the reply can still come
     answer = read_response(tls)

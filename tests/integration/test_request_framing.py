@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from spool import Spool
-from tests.helpers import wait_for
+from tests.helpers import publishers_alive, wait_for
 from tests.pki import TestPKI, ingest_config, running_ingest
 from tests.rawhttp import Answer, Client, get, read_answer, wait_closed
 
@@ -34,9 +34,12 @@ class Site:
 
     def __init__(self, directory: Path) -> None:
         self.pki = TestPKI(directory / "pki")
+        # framing is judged here, not tarballs: the bodies are short words
         self.config = ingest_config(directory / "site", self.pki, http=False, repos=1,
-                                    threads=4)
+                                    threads=4, check_uploads=False)
         self.spool = Spool(self.config.server.spool)
+        self._alive = publishers_alive(self.config)
+        self._alive.__enter__()
         self._running = running_ingest(self.config)
         self.bound, self.server = self._running.__enter__()
         self.port = self.bound.https[1]
@@ -63,6 +66,7 @@ class Site:
 
     def close(self) -> None:
         self._running.__exit__(None, None, None)
+        self._alive.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")

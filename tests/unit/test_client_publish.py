@@ -208,7 +208,7 @@ def test_cli_publish_failed(cli, capsys, pki, tarball):
     (("publish", "{tmp}/nothing.tgz", "-G", "g"), "cannot read"),
     (("publish", "{tmp}/plain.txt", "-G", "g"), "is not a tar file"),
     (("publish", "{tarball}", "--cid", "../x"), "cid"),
-    (("exists", "a/b/c"), "at most one '/'"),
+    (("exists", "a/b/c"), "at most one slash allowed in cid"),
 ])
 def test_cli_local_errors(cli, capsys, tarball, tmp_path, args, expected):
     (tmp_path / "plain.txt").write_text("hello")

@@ -7,8 +7,10 @@ the way the TLS adapter puts them in the environ.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import shutil
 import threading
 import wsgiref.util
 
@@ -20,12 +22,13 @@ from devsite.pki import CertificateAuthority, make_proxy
 from ingest.app import make_app, make_plain_app
 from ingest.auth import Authenticator
 from ingest.connection import ChunkedReader
+from ingest.handlers import StampLimiter
 from ingest.readiness import Readiness
 from ingest.upload import WriteBehind
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
 from spool import Spool
-from tests.helpers import publishers_alive, write_config
+from tests.helpers import publishers_alive, tar_body, write_config
 from userpub.config import load_config
 
 USER_DN = "/DC=org/DC=example/OU=People/CN=Jane Doe 12345"
@@ -38,8 +41,7 @@ class Site:
         gridmap.write_text(f'"{USER_DN}" janedoe\n')
         settings = {"grid_mapfile": str(gridmap), "spool_reserve_bytes": 0,
                     "max_upload_bytes": 10_000, **ingest}
-        extra = "[ingest]\n" + "".join(f"{k} = {v!r}\n".replace("'", '"')
-                                       for k, v in settings.items())
+        extra = "[ingest]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         self.config = load_config(write_config(tmp_path / "site", extra=extra))
         self.spool = Spool(self.config.server.spool)
         self.spool.ensure_layout(tuple(r.name for r in self.config.repositories))
@@ -136,7 +138,7 @@ def test_exists_update_status_answers(site, chain):
 
 
 def test_publish_queues_the_body_durably(site, chain):
-    body = os.urandom(5000)
+    body = tar_body(5000)
     expect(call(site.app, "POST", "/pubapi/publish?cid=grp/abc", body, env=chain),
            "200 OK", b"OK\n")
     assert site.incoming() == ["grp%2Fabc"]
@@ -213,7 +215,7 @@ def test_too_large_chunked_is_refused_while_reading(site, chain):
                         chunked=True)
     assert status == "413 Request Entity Too Large"
     assert site.tmp() == [] and site.incoming() == []
-    expect(call(site.app, "POST", "/pubapi/publish?cid=a", b"x" * 10_000, env=chain,
+    expect(call(site.app, "POST", "/pubapi/publish?cid=a", tar_body(10_000), env=chain,
                 chunked=True), "200 OK", b"OK\n")
 
 
@@ -264,7 +266,7 @@ def test_insufficient_storage(tmp_path, chain):
     expect(call(site.app, "POST", "/pubapi/publish?cid=a", env=env, stream=Exploding()),
            "507 Insufficient Storage", b"Insufficient storage in the spool, try again later\n")
     # a small upload still fits above the reserve
-    expect(call(site.app, "POST", "/pubapi/publish?cid=b", b"z" * 1000, env=chain),
+    expect(call(site.app, "POST", "/pubapi/publish?cid=b", tar_body(1024), env=chain),
            "200 OK", b"OK\n")
     # nothing is stored for a published or queued CID: no space needed
     site.publish_tree("grp/old")
@@ -276,13 +278,13 @@ def test_insufficient_storage(tmp_path, chain):
 
 def test_one_access_log_line_per_request(site, chain, caplog):
     caplog.set_level(logging.INFO, "userpub.ingest.access")
-    call(site.app, "POST", "/pubapi/publish?cid=grp/abc", b"12345", env=chain)
+    call(site.app, "POST", "/pubapi/publish?cid=grp/abc", tar_body(2048), env=chain)
     call(site.app, "GET", "/pubapi/exists?cid=grp/abc")
     call(site.app, "GET", "/nowhere")
     lines = [r.getMessage() for r in caplog.records if r.name == "userpub.ingest.access"]
     assert len(lines) == 3
     assert lines[0].startswith(f'192.0.2.9 identity="{USER_DN}" route=publish cid="grp/abc" '
-                               "status=200 bytes=5 duration=")
+                               "status=200 bytes=2048 duration=")
     assert 'identity="refused no_credentials: -" route=exists cid="-" status=403' in lines[1]
     assert "route=unknown" in lines[2] and "status=404" in lines[2]
 
@@ -401,3 +403,37 @@ def test_ping_is_ok_only_while_this_host_can_accept_and_publish(tmp_path):
         expect(call(site.app, "GET", "/pubapi/ping"), "200 OK", b"OK\n")
         site.readiness.stop()
         expect(call(site.app, "GET", "/pubapi/ping"), "400 Bad request", not_running)
+
+
+def test_exists_that_answers_present_stamps_the_cid_at_most_once_an_hour(tmp_path, chain):
+    clock = [1000.0]
+    site = Site(tmp_path)
+    site.publish_tree("grp/used")
+    app = make_app(site.config, site.spool, Catalog.from_config(site.config), site.metrics,
+                   Authenticator.from_config(site.config.ingest), site.readiness,
+                   StampLimiter(3600.0, clock=lambda: clock[0]))
+    present = b"PRESENT:/cvmfs/repo1.example.org/sw/grp/used\n"
+
+    def exists(cid="grp/used"):
+        return call(app, "GET", f"/pubapi/exists?cid={cid}", env=chain)
+
+    expect(exists(), "200 OK", present)
+    assert site.incoming() == ["grp%2Fused@stamp"]
+    for entry in site.spool.incoming.iterdir():
+        shutil.rmtree(entry)
+    clock[0] += 1800
+    expect(exists(), "200 OK", present)
+    assert site.incoming() == []  # stamped half an hour ago: not again
+    clock[0] += 1801
+    expect(exists(), "200 OK", present)
+    assert site.incoming() == ["grp%2Fused@stamp"]
+    expect(exists("grp/absent"), "200 OK", b"MISSING\n")
+    assert site.incoming() == ["grp%2Fused@stamp"]
+
+
+def test_exists_stamps_nothing_when_switched_off(tmp_path, chain):
+    site = Site(tmp_path, stamp_on_exists=False)
+    site.publish_tree("grp/used")
+    expect(call(site.app, "GET", "/pubapi/exists?cid=grp/used", env=chain), "200 OK",
+           b"PRESENT:/cvmfs/repo1.example.org/sw/grp/used\n")
+    assert site.incoming() == []
