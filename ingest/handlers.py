@@ -123,13 +123,13 @@ class Api:
 
     def upload_check(self, cid: str) -> UploadCheck | None:
         """The judge of a new upload of ``cid`` (None when ``check_uploads`` is off)."""
-        if not self.ingest.check_uploads:
+        if self.ingest.check_uploads == "off":
             return None
         publisher = self.config.publisher
         limits = UnpackLimits(publisher.max_members, publisher.max_unpacked_bytes)
         longest = max(len(os.fsencode(f"{r.mount}/{self.config.server.prefix}/{cid}/"))
                       for r in self.config.repositories)
-        return UploadCheck(limits, longest)
+        return UploadCheck(limits, longest, whole=self.ingest.check_uploads == "full")
 
 
 def ping(readiness: Readiness, environ: dict[str, Any]) -> bottle.HTTPResponse:

@@ -10,8 +10,10 @@ many members or bytes) all fail the POST with the reason the publisher would hav
 What only the backend can find out (a full repository) still shows in ``status``.
 
 gzip, zstd and plain tar are judged whole (their decoders run at hundreds of MB/s on the
-other core); bzip2 and xz, whose decoders are several times slower than any network, are
-judged on their first ``PREFIX_BYTES`` of compressed input, the rest by the publisher.
+other core; inflating gzip is still the judge's main cost, about 1 CPU-second per GB); bzip2
+and xz, whose decoders are several times slower than any network, are judged on their first
+``PREFIX_BYTES`` of compressed input, the rest by the publisher. With ``whole=False`` every
+upload is judged on its first ``PREFIX_BYTES`` only (``check_uploads = "head"``).
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ class UploadCheck:
     the upload can stop there.
     """
 
-    def __init__(self, limits: UnpackLimits, root_len: int) -> None:
+    def __init__(self, limits: UnpackLimits, root_len: int, *, whole: bool = True) -> None:
         self.limits = limits
         self.root_len = root_len
+        self.whole = whole
         self.problem: str | None = None
         self.compression: str | None = None
         self._head = bytearray()
@@ -135,7 +138,7 @@ class UploadCheck:
         except UnpackError as err:
             self.problem = str(err)
             return
-        limit = None if self.compression in FULL else PREFIX_BYTES
+        limit = None if self.whole and self.compression in FULL else PREFIX_BYTES
         feed = _Feed(self._chunks, limit)
         self._thread = threading.Thread(target=self._judge, args=(feed,),
                                         name="ingest-check", daemon=True)

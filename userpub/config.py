@@ -80,6 +80,9 @@ class PublisherConfig:
     observer: str = "inotify"
 
 
+CHECK_UPLOADS = ("full", "head", "off")
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """``[ingest]``: the HTTPS publication API."""
@@ -107,8 +110,9 @@ class IngestConfig:
     # an authenticated exists answering PRESENT stamps the CID, at most once per interval
     stamp_on_exists: bool = True
     stamp_on_exists_seconds: float = 3600.0
-    # judge each upload's tar stream while it arrives (a bad tarball fails the POST)
-    check_uploads: bool = True
+    # judge each upload's tar stream while it arrives (a bad tarball fails the POST): "full",
+    # "head" (the first 8 MiB of every upload) or "off"
+    check_uploads: str = "full"
     handshake_timeout: float = 10.0
     header_timeout: float = 10.0
     idle_timeout: float = 30.0
@@ -382,7 +386,7 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
         stamp_on_exists=sec.boolean("stamp_on_exists", d.stamp_on_exists),
         stamp_on_exists_seconds=sec.number("stamp_on_exists_seconds",
                                            d.stamp_on_exists_seconds, minimum=1.0),
-        check_uploads=sec.boolean("check_uploads", d.check_uploads),
+        check_uploads=sec.string("check_uploads", d.check_uploads),
         handshake_timeout=sec.number("handshake_timeout", d.handshake_timeout, minimum=1.0),
         header_timeout=sec.number("header_timeout", d.header_timeout, minimum=1.0),
         idle_timeout=sec.number("idle_timeout", d.idle_timeout, minimum=1.0),
@@ -391,6 +395,9 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
         max_connections_per_client=sec.integer("max_connections_per_client",
                                                d.max_connections_per_client),
     )
+    if cfg.check_uploads not in CHECK_UPLOADS:
+        sec.problems.append(f"{sec.where}.check_uploads: {cfg.check_uploads!r} is not one of "
+                            + ", ".join(CHECK_UPLOADS))
     if cfg.max_connections < cfg.threads:
         sec.problems.append(f"{sec.where}.max_connections: must be at least threads "
                             f"({cfg.threads})")

@@ -227,7 +227,7 @@ def _run(work: Path, size: int, args: argparse.Namespace) -> int:
                            threads=16)
     ours = IngestProcess(config, work / "ingest.log")
     nocheck = ingest_config(work / "site-nocheck", pki, http=False, max_upload_bytes=4 * size + MIB,
-                            threads=16, check_uploads=False)
+                            threads=16, check_uploads="off")
     unjudged = IngestProcess(nocheck, work / "nocheck.log")
     nginx = Nginx(work / "nginx", pki)
     times: dict[str, list[float]] = {"userpub": [], "nginx": []}

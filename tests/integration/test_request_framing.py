@@ -36,7 +36,7 @@ class Site:
         self.pki = TestPKI(directory / "pki")
         # framing is judged here, not tarballs: the bodies are short words
         self.config = ingest_config(directory / "site", self.pki, http=False, repos=1,
-                                    threads=4, check_uploads=False)
+                                    threads=4, check_uploads="off")
         self.spool = Spool(self.config.server.spool)
         self._alive = publishers_alive(self.config)
         self._alive.__enter__()

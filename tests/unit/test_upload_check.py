@@ -104,3 +104,16 @@ def test_abort_returns_while_the_judge_waits_for_more():
     started = time.monotonic()
     check.abort()
     assert time.monotonic() - started < 30
+
+
+def test_head_mode_judges_every_upload_on_its_first_megabytes():
+    tail_bad = compress(tar_bytes([reg("noise", os.urandom(PREFIX_BYTES + (1 << 20))),
+                                   reg("/abs", b"x")]), "gzip")
+    head = UploadCheck(UnpackLimits(), ROOT_LEN, whole=False)
+    for start in range(0, len(tail_bad), 1 << 20):
+        head.feed(tail_bad[start:start + (1 << 20)])
+    assert head.finish() is None  # the publisher's call
+    head_bad = compress(tar_bytes([reg("/abs", b"x")]), "gzip")
+    check = UploadCheck(UnpackLimits(), ROOT_LEN, whole=False)
+    check.feed(head_bad)
+    assert check.finish() == "member '/abs': absolute path"
