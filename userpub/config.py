@@ -221,8 +221,8 @@ def _parse_repository(sec: Section) -> RepositoryConfig:
     gc_keep_hours = sec.number("gc_keep_hours", 24.0)
     if not mount.startswith("/"):
         sec.problems.append(f"{sec.where}.mount: {mount!r} must be an absolute path")
-    if backend in ("local", "cvmfs-native") and root is None:
-        sec.problems.append(f"{sec.where}.root: required by the {backend} backend")
+    if backend == "local" and root is None:
+        sec.problems.append(f"{sec.where}.root: required by the local backend")
     sec.finish()
     return RepositoryConfig(name=name, host=host, backend=backend, root=root, mount=mount,
                             replica=replica, command_timeout=timeout,
@@ -349,6 +349,10 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     roots = [r.root for r in repos if r.root is not None]
     if len(roots) != len(set(roots)):
         problems.append("two repositories share one root directory")
+    problems.extend(f"repository {r.name}: root is required by the cvmfs-native backend where "
+                    "it is published (elsewhere, a root or a replica)" for r in repos
+                    if r.backend == "cvmfs-native" and r.root is None
+                    and (r.is_hosted_on(server.name) or r.replica is None))
     pair, peers = parse_pair(section("pair"), data.get("peer", []), base, problems, server.name)
     _check_pair(peers, server.name, repos, problems)
     config = Config(
