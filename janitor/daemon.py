@@ -18,6 +18,7 @@ from typing import TextIO
 from janitor.cleanup import (
     CleanupError,
     CleanupResult,
+    StaleReplicaError,
     clean,
     format_preview,
     iso_time,
@@ -129,6 +130,13 @@ class Janitor:
         try:
             result = self.clean_fn(self.config, name, clock=self.clock,
                                    should_stop=lambda: self.waker.stopped)
+        except StaleReplicaError as err:
+            self.retry_at[name] = now + self.retry_seconds
+            self.metrics.runs.labels(name, "skipped").inc()
+            self.metrics.skipped.labels(name, "stale_replica").inc()
+            log.warning("%s: cleanup skipped: %s; trying again in %.0f s", name, err,
+                        self.retry_seconds)
+            return
         except Exception as err:
             self.retry_at[name] = now + self.retry_seconds
             self.metrics.runs.labels(name, "failed").inc()

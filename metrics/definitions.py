@@ -100,6 +100,9 @@ class JanitorMetrics:
         self.duration = Gauge("userpub_cleanup_duration_seconds",
                               "Duration of the last cleanup run.", ["repository"],
                               registry=registry)
+        self.skipped = Counter("userpub_cleanup_skipped", "Cleanups skipped, by repository "
+                               "and reason (stale_replica: a replica too old to judge ages on).",
+                               ["repository", "reason"], registry=registry)
         self.last_success = Gauge("userpub_cleanup_last_success_timestamp_seconds",
                                   "Unix time of the last successful cleanup.", ["repository"],
                                   registry=registry)

@@ -65,6 +65,10 @@ class TreeReader:
         """``<mount>/<prefix>/<cid>``."""
         return f"{self.mount}/{self.prefix}/{cid}"
 
+    def staleness(self) -> float | None:
+        """A tree read in place is its own origin (a shared or mounted directory)."""
+        return None
+
     def unreadable(self) -> str | None:
         """Why the tree cannot be read (its CID directory is missing), or None."""
         if self.cid_dir.is_dir():

@@ -79,6 +79,10 @@ class NativeReader:
         self._manifest: Manifest | None = None
         self._is_cid: dict[str, bool] = {}
 
+    def staleness(self) -> float | None:
+        """The stratum 0 this host writes is the origin."""
+        return None
+
     def unreadable(self) -> str | None:
         """Why the repository cannot be read (its directory is missing), or None.
 
