@@ -22,6 +22,7 @@ from filelock import FileLock
 from publisher.decompress import UnpackError
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, ChunkParams
+from publisher.repositories.cvmfs_native.compression import compressor_problem, is_canonical
 from publisher.repositories.cvmfs_native.gc import expired, kept_roots, reachable
 from publisher.repositories.cvmfs_native.history import History
 from publisher.repositories.cvmfs_native.keys import KeyFiles, Keys, KeysError, load_keys
@@ -81,6 +82,7 @@ class NativeRepository(NativeReader):
         self._keys: Keys | None = None
         self._lock_file: FileLock | None = None
         self._last_idle_check = 0.0
+        self._compressor_ok = False
 
     # -- setup ----------------------------------------------------------------------------------
     def keys(self) -> Keys:
@@ -104,10 +106,28 @@ class NativeRepository(NativeReader):
         return RevisionWriter(self.layout, self.store, self.keys(), who, self.store.temp_path,
                               durable=self.durable)
 
+    def check_compressor(self) -> None:
+        """RepositoryError unless zlib here makes the bytes genuine CernVM-FS tools expect."""
+        if not self._compressor_ok:
+            problem = compressor_problem()
+            if problem is not None:
+                raise RepositoryError(f"{self.name}: {problem}")
+            self._compressor_ok = True
+
+    def uses_genuine_compression(self) -> bool:
+        """False when the current root catalog is stored in another compression (the old form)."""
+        manifest = self.manifest()
+        if manifest is None:
+            return True
+        stored = self.store.path(manifest.root_catalog, CATALOG).read_bytes()
+        return is_canonical(stored, self.store.get(manifest.root_catalog, CATALOG))
+
     def initialize(self) -> None:
         """Create the layout, a first empty revision and a whitelist if there are none."""
+        self.check_compressor()
         self.layout.ensure()
         self.store.ensure_layout()
+        self.store.index(create=True)
         self.ensure_whitelist()
         if self.manifest() is None:
             manifest = self.writer().write(None, Changes(), int(time.time()))
@@ -172,8 +192,12 @@ class NativeRepository(NativeReader):
             self.layout.prune_generations(keep=2)
             try:
                 self.initialize()
-            except KeysError as err:
+            except (KeysError, RepositoryError) as err:
                 raise Fatal(str(err)) from None
+            if not self.uses_genuine_compression():
+                log.warning("%s: the current revision is stored in the old compression (before "
+                            "issue 20): stratum 1s and client cache checks reject it; run "
+                            "`userpub recompress %s`", self.name, self.name)
 
     def gc(self) -> GcResult:
         """Delete objects that no kept revision reaches; publishes one revision."""
@@ -206,6 +230,7 @@ class NativeRepository(NativeReader):
             fresh = {manifest.root_catalog + CATALOG, manifest.history + HISTORY,
                      manifest.certificate + CERTIFICATE, manifest.metainfo + METAINFO}
             freed = 0
+            deleted: list[str] = []
             for name, path in doomed:
                 if name in fresh:
                     continue
@@ -214,6 +239,11 @@ class NativeRepository(NativeReader):
                     path.unlink()
                 except FileNotFoundError:
                     continue
+                deleted.append(name[:40])
+            index = self.store.index()
+            if index is not None:
+                index.forget(bytes.fromhex(h) for h in deleted if len(h) == 40
+                             and all(c in "0123456789abcdef" for c in h))
             write_status(self.root, last_gc=time.strftime("%a %b %d %H:%M:%S UTC %Y",
                                                           time.gmtime(now)))
         log.info("%s: garbage collection freed %d bytes in %d objects", self.name, freed,
