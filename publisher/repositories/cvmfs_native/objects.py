@@ -45,7 +45,7 @@ _WORK = ".userpub"  # where the content index lives (layout.WORK)
 
 __all__ = ["CATALOG", "CERTIFICATE", "HISTORY", "METAINFO", "PARTIAL", "SUFFIXES", "FileTicket",
            "ObjectPipeline", "ObjectStore", "StoredObject", "Ticket", "compress", "decompress",
-           "object_digest", "store_file"]
+           "object_digest", "store_file", "worker_init"]
 
 
 def object_digest(stored: bytes) -> bytes:
@@ -71,10 +71,10 @@ class StoredObject:
 class ObjectStore:
     """``<root>/data``: put, get, list and delete objects."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, txn: Path | None = None) -> None:
         self.root = root
         self.data = root / "data"
-        self.txn = self.data / "txn"
+        self.txn = txn or self.data / "txn"  # temporary files (on the same filesystem)
         self._names = itertools.count()
         self._index: ContentIndex | None = None
 
@@ -259,7 +259,7 @@ class FileTicket:
         return self._value
 
 
-def _worker_init(parent: int) -> None:
+def worker_init(parent: int) -> None:
     """Make a worker die with the process that started it (even by ``kill -9``)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -315,7 +315,7 @@ class ObjectPipeline:
                  batch_count: int = 128, max_bytes: int = 384 << 20) -> None:
         self.store = store
         self._pool = (ProcessPoolExecutor(processes, mp_context=get_context("spawn"),
-                                          initializer=_worker_init, initargs=(os.getpid(),))
+                                          initializer=worker_init, initargs=(os.getpid(),))
                       if processes else None)
         self._batch = _Batch()
         self._inflight: list[tuple[Future[Any], int]] = []

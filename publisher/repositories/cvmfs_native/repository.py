@@ -92,7 +92,8 @@ class NativeRepository(NativeReader):
         return self._keys
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
+        """Hold the repository's writer lock (one writer at a time)."""
         self.layout.work.mkdir(parents=True, exist_ok=True)
         if self._lock_file is None:
             self._lock_file = FileLock(self.layout.lock)
@@ -168,7 +169,7 @@ class NativeRepository(NativeReader):
     @contextmanager
     def transaction(self) -> Iterator[NativeTransaction]:
         """One revision: published on clean exit, nothing published on an exception."""
-        with self._locked():
+        with self.locked():
             try:
                 self.initialize()
             except (KeysError, OSError) as err:
@@ -183,7 +184,7 @@ class NativeRepository(NativeReader):
 
     def recover(self) -> None:
         """Drop what an interrupted writer left (temporary files, unswitched generations)."""
-        with self._locked():
+        with self.locked():
             leftovers = self.store.clear_txn()
             if leftovers:
                 log.warning("%s: removed %d leftovers of an interrupted write", self.name,
@@ -202,7 +203,7 @@ class NativeRepository(NativeReader):
     def gc(self) -> GcResult:
         """Delete objects that no kept revision reaches; publishes one revision."""
         start = time.monotonic()
-        with self._locked():
+        with self.locked():
             self.initialize()
             base = self.manifest()
             assert base is not None
@@ -257,7 +258,7 @@ class NativeRepository(NativeReader):
             return
         self._last_idle_check = now
         try:
-            with self._locked():
+            with self.locked():
                 self.ensure_whitelist()
         except (RepositoryError, KeysError, OSError) as err:
             log.error("%s: whitelist check failed: %s", self.name, err)
