@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+import time
 import warnings
 from pathlib import Path
 
@@ -53,10 +54,10 @@ gc_keep_hours = 0
     return write_config(tmp / "site", repos=0, extra=block), root, tmp / "keys" / f"{FQRN}.pub"
 
 
-def native(config: Path, root: Path) -> NativeRepository:
+def native(config: Path, root: Path, keep_hours: float = 0) -> NativeRepository:
     return NativeRepository(FQRN, root, "sw", "ts", f"/cvmfs/{FQRN}",
                             keys=KeyFiles(config.parent.parent / "keys", FQRN), durable=False,
-                            keep_hours=0)
+                            keep_hours=keep_hours)
 
 
 def verify(root: Path, key: Path, *extra: str) -> str:
@@ -80,7 +81,7 @@ def test_recompress_brings_an_old_repository_to_the_genuine_form(tmp_path, caplo
     assert "run `userpub recompress old.example.org`" in caplog.text
     assert not repo.uses_genuine_compression()
     content = snapshot(root)
-    old_root = manifest_fields(root)["C"]
+    old_root, published = manifest_fields(root)["C"], int(manifest_fields(root)["T"])
 
     out = run_userpub(config, "recompress", FQRN, "--processes", "2").stdout
     assert f"published revision {OLD_REVISION + 1}:" in out, out
@@ -96,9 +97,14 @@ def test_recompress_brings_an_old_repository_to_the_genuine_form(tmp_path, caplo
     assert "nothing to do" in run_userpub(config, "recompress", FQRN).stdout
     assert int(manifest_fields(root)["S"]) == OLD_REVISION + 1
 
-    with repo.transaction() as txn:  # the next publish and gc retire the old revisions
+    with repo.transaction() as txn:
         txn.add("new", make_tarball(tmp_path / "n.tgz", {"f": b"new\n"}), "me", UnpackLimits())
-    repo.gc()
+    # a window that excludes when the old revision was published, not when it was replaced:
+    windowed = native(config, root, keep_hours=(time.time() - published) / 2 / 3600)
+    windowed.gc()  # it was current until the recompress: kept like a recent publish
+    assert all(repo.store.path(n[:40], n[40:]).exists() for n in kept)
+    assert verify(root, key).startswith("ok: ")
+    repo.gc()  # past the window (here: none): the old revisions and their objects go
     full = verify(root, key)
     assert full.startswith("ok: ") and "older tagged" not in full, full
     assert stored_now(repo) == reachable_now(repo)

@@ -13,18 +13,21 @@ objects (new names) and the current revision is rewritten into a new one that na
    phase 1 did not cover is re-compressed on the spot, and the revision is sealed and switched as
    any publish is (history, certificate, meta-info, reflog, signed manifest last).
 
-Nothing is deleted: the old revision stays ``trunk-previous`` and its objects stay until garbage
-collection retires it, as after any publish, so readers still on it keep working, and a crash
-at any point leaves the old or the new revision, each complete. Running it again finds nothing
-to do.
+Nothing is deleted: the old revision stays ``trunk-previous`` and is tagged again as an
+automatic tag of *now*, so garbage collection keeps it (and all its objects, none of which the
+new revision shares) for ``gc_keep_hours`` from now, as it keeps any recently published
+revision: readers still on it keep working. A crash at any point leaves the old or the new
+revision, each complete. Running it again finds nothing to do.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -35,6 +38,8 @@ from filelock import FileLock
 
 from publisher.repositories.cvmfs_native.catalog import CatalogFile
 from publisher.repositories.cvmfs_native.compression import compress, decompress, is_canonical
+from publisher.repositories.cvmfs_native.history import AUTO_PREFIX, History, Tag
+from publisher.repositories.cvmfs_native.manifest import Manifest
 from publisher.repositories.cvmfs_native.objects import (
     CATALOG,
     CERTIFICATE,
@@ -280,13 +285,26 @@ def _recompress(repo: NativeRepository, processes: int, temp: Path) -> Recompres
             log.info("%s", result.summary(repo.name))
             return result
         root, size = rewriter.catalog(base.root_catalog, is_root=True)
-        manifest = writer.seal(base, root, size, base.revision + 1, now)
+        manifest = writer.seal(base, root, size, base.revision + 1, now,
+                               prune=keep_superseded(base, now))
     result.revision = manifest.revision
     result.rewritten = len(rewriter.rewritten)
     result.rewritten_catalogs = rewriter.catalogs
     result.seconds = time.monotonic() - start
     log.info("%s", result.summary(repo.name))
     return result
+
+
+def keep_superseded(base: Manifest, now: int) -> Callable[[History], None]:
+    """Tag the revision being replaced as of ``now``: gc keeps it for its readers' window."""
+    stamp = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def tag(history: History) -> None:
+        history.put(Tag(f"{AUTO_PREFIX}{stamp}-replaced-{base.revision}", base.root_catalog,
+                        base.revision, now, "replaced by userpub recompress",
+                        base.catalog_size))
+
+    return tag
 
 
 def _canonical(store: ObjectStore, digest: str, suffix: str) -> bool:

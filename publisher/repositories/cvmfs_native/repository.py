@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,11 @@ from filelock import FileLock
 from publisher.decompress import UnpackError
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, ChunkParams
-from publisher.repositories.cvmfs_native.compression import compressor_problem, is_canonical
+from publisher.repositories.cvmfs_native.compression import (
+    compressor_problem,
+    decompress,
+    is_canonical,
+)
 from publisher.repositories.cvmfs_native.gc import expired, kept_roots, reachable
 from publisher.repositories.cvmfs_native.history import History
 from publisher.repositories.cvmfs_native.keys import KeyFiles, Keys, KeysError, load_keys
@@ -120,8 +125,12 @@ class NativeRepository(NativeReader):
         manifest = self.manifest()
         if manifest is None:
             return True
-        stored = self.store.path(manifest.root_catalog, CATALOG).read_bytes()
-        return is_canonical(stored, self.store.get(manifest.root_catalog, CATALOG))
+        try:
+            stored = self.store.path(manifest.root_catalog, CATALOG).read_bytes()
+            return is_canonical(stored, decompress(stored))
+        except (OSError, zlib.error) as err:  # not for this check to judge (userpub verify)
+            log.error("%s: cannot read the root catalog: %s", self.name, err)
+            return True
 
     def initialize(self) -> None:
         """Create the layout, a first empty revision and a whitelist if there are none."""
