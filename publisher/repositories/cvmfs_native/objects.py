@@ -35,13 +35,13 @@ from publisher.repositories.cvmfs_native.contents import (
     Key,
     content_key,
 )
+from publisher.repositories.cvmfs_native.layout import WORK
 
 # Object name suffixes (cvmfs Digest::MakePath): none for file content.
 CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL = "C", "H", "X", "M", "P"
 SUFFIXES = ("", CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL, "L")
 _FILE_MODE = 0o644
 _PR_SET_PDEATHSIG = 1
-_WORK = ".userpub"  # where the content index lives (layout.WORK)
 
 __all__ = ["CATALOG", "CERTIFICATE", "HISTORY", "METAINFO", "PARTIAL", "SUFFIXES", "FileTicket",
            "ObjectPipeline", "ObjectStore", "StoredObject", "Ticket", "compress", "decompress",
@@ -81,7 +81,7 @@ class ObjectStore:
     @property
     def index_path(self) -> Path:
         """The content index (``.userpub/contents.sqlite``)."""
-        return self.root / _WORK / INDEX_NAME
+        return self.root / WORK / INDEX_NAME
 
     def index(self, *, create: bool = False) -> ContentIndex | None:
         """The content index; None if there is none (``create``: make one, for the writer)."""
