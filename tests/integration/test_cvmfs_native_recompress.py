@@ -165,3 +165,29 @@ def test_a_killed_recompress_leaves_a_complete_revision(tmp_path, point, count):
     assert snapshot(root) == content
     assert not list((root / "data" / "txn").iterdir())
     assert not (root / ".userpub" / "recompress").exists()
+
+
+def test_publishes_removals_and_gc_between_the_two_phases(tmp_path, monkeypatch):
+    """Phase 1 runs without the writer lock: what the publisher does meanwhile is kept."""
+    from publisher.repositories.cvmfs_native import migrate
+
+    config, root, key = old_site(tmp_path)
+    repo = native(config, root)
+    repo.recover()
+    phase_one = migrate.canonical_objects
+
+    def meanwhile(*args, **kwargs):
+        done = phase_one(*args, **kwargs)
+        with repo.transaction() as txn:
+            txn.add("during", make_tarball(tmp_path / "d.tgz", {"f": b"during\n"}), "me",
+                    UnpackLimits())
+            txn.remove(["grp/b"])
+        repo.gc()  # keep_hours 0: grp/b's objects, some re-compressed by phase 1, go
+        return done
+
+    monkeypatch.setattr(migrate, "canonical_objects", meanwhile)
+    result = migrate.recompress(repo, processes=0)
+    assert result.revision == OLD_REVISION + 3 and result.rewritten > 0
+    assert sorted(repo.cids()) == ["during", "grp/a", "late"]
+    assert verify(root, key, "--current-only").startswith("ok: ")
+    assert check_repository(root).files[b"/sw/during/f"] == b"during\n"

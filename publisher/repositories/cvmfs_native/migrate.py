@@ -93,8 +93,11 @@ class Reached:
     catalogs: set[str] = field(default_factory=set)
 
 
-def reached(store: ObjectStore, root_catalog: str) -> Reached:
-    """Every catalog, file and chunk object of the revision with this root catalog."""
+def reached(store: ObjectStore, root_catalog: str, *, missing_ok: bool = False) -> Reached:
+    """Every catalog, file and chunk object of the revision with this root catalog.
+
+    ``missing_ok``: skip catalogs deleted meanwhile (a walk without the writer lock).
+    """
     walk = Reached()
     stack = [root_catalog]
     while stack:
@@ -102,9 +105,15 @@ def reached(store: ObjectStore, root_catalog: str) -> Reached:
         if digest in walk.catalogs:
             continue
         walk.catalogs.add(digest)
+        try:
+            content = store.get(digest, CATALOG)
+        except FileNotFoundError:
+            if missing_ok:
+                continue
+            raise
         conn = sqlite3.connect(":memory:")
         try:
-            conn.deserialize(store.get(digest, CATALOG))
+            conn.deserialize(content)
             walk.objects.update((bytes(h).hex(), "") for (h,) in conn.execute(
                 "SELECT hash FROM catalog WHERE hash IS NOT NULL"))
             walk.objects.update((bytes(h).hex(), PARTIAL) for (h,) in conn.execute(
@@ -119,9 +128,16 @@ def _canonical_batch(root: str, txn: str, names: list[ObjectName]
                      ) -> list[tuple[ObjectName, bytes, int]]:
     """Worker side of phase 1: each object's content stored as CernVM-FS compresses it."""
     store = ObjectStore(Path(root), Path(txn))
+    found: list[tuple[ObjectName, bytes]] = []
+    for name in names:
+        try:
+            found.append((name, store.get(*name)))
+        except FileNotFoundError:  # collected meanwhile (no lock here): phase 2 sees the truth
+            continue
     try:
-        stored = store.put_many([(store.get(h, s), s) for h, s in names])
-        return [(name, o.digest, o.stored_size) for name, o in zip(names, stored, strict=True)]
+        stored = store.put_many([(content, name[1]) for name, content in found])
+        return [(name, o.digest, o.stored_size)
+                for (name, _), o in zip(found, stored, strict=True)]
     finally:
         store.close_index()
 
@@ -258,7 +274,7 @@ def _recompress(repo: NativeRepository, processes: int, temp: Path) -> Recompres
     first = repo.manifest()
     done: dict[ObjectName, StoredObject] = {}
     if first is not None:
-        names = reached(repo.store, first.root_catalog).objects
+        names = reached(repo.store, first.root_catalog, missing_ok=True).objects
         log.info("%s: re-compressing %d objects", repo.name, len(names))
         done = canonical_objects(repo.store, names, processes, temp)
         log.info("%s: %d objects stored again; rewriting the catalogs", repo.name,
