@@ -332,6 +332,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_recompress(args: argparse.Namespace) -> int:
     """Rewrite a cvmfs-native repository into the compression genuine CernVM-FS tools expect."""
+    import sqlite3
+    import zlib
+
     from publisher.repositories.base import RepositoryError
     from publisher.repositories.cvmfs_native import KeysError, open_native
     from publisher.repositories.cvmfs_native.migrate import recompress
@@ -345,8 +348,8 @@ def cmd_recompress(args: argparse.Namespace) -> int:
         raise Fatal(f"repository {repo.name} is not a cvmfs-native repository hosted here")
     try:
         result = recompress(open_native(config, repo), max(0, args.processes))
-    except (RepositoryError, KeysError, OSError) as err:
-        raise Fatal(str(err)) from None
+    except (RepositoryError, KeysError, OSError, sqlite3.Error, zlib.error) as err:
+        raise Fatal(f"{repo.name}: recompress failed: {err}") from None
     print(result.summary(repo.name))
     return 0
 

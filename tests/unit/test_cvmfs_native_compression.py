@@ -146,3 +146,13 @@ def test_garbage_collection_forgets_what_it_deletes(tmp_path):
     repo.gc()
     assert not repo.store.path(hashlib.sha1(compress(doomed)).hexdigest()).exists()
     assert index.lookup([key]) == {}
+
+
+def test_publishing_goes_on_without_an_index(tmp_path, caplog):
+    store = ObjectStore(tmp_path)
+    store.ensure_layout()
+    store.index_path.mkdir(parents=True)  # not a database, and not removable as a file
+    assert store.index(create=True) is None
+    assert "no content index" in caplog.text
+    stored = store.put_data(b"still stored")
+    assert stored.compressed and store.get(stored.hex) == b"still stored"

@@ -16,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import itertools
+import logging
 import os
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -42,6 +44,7 @@ CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL = "C", "H", "X", "M", "P"
 SUFFIXES = ("", CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL, "L")
 _FILE_MODE = 0o644
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger("userpub.repository.cvmfs_native")
 
 __all__ = ["CATALOG", "CERTIFICATE", "HISTORY", "METAINFO", "PARTIAL", "SUFFIXES", "FileTicket",
            "ObjectPipeline", "ObjectStore", "StoredObject", "Ticket", "compress", "decompress",
@@ -87,9 +90,14 @@ class ObjectStore:
         """The content index; None if there is none (``create``: make one, for the writer)."""
         if self._index is None:
             if create:
-                self.index_path.parent.mkdir(parents=True, exist_ok=True)
                 index = ContentIndex(self.index_path)
-                index.prepare()
+                try:
+                    self.index_path.parent.mkdir(parents=True, exist_ok=True)
+                    index.prepare()
+                except (OSError, sqlite3.Error) as err:  # a cache: publishing goes on without
+                    log.warning("%s: no content index: %s", self.index_path, err)
+                    index.close()
+                    return None
                 self._index = index
             elif self.index_path.exists():
                 self._index = ContentIndex(self.index_path)
