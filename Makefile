@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= var/userpub.toml
-APT_PACKAGES := curl lbzip2 pigz isal nginx prometheus squid strace haproxy
+APT_PACKAGES := curl lbzip2 pigz isal nginx prometheus squid strace fuse3 libfuse3-3 haproxy
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-fast bench lint type check install deps system-deps clean client-wheel
@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests use (decompressors, nginx and prometheus as references/peers).
+# Debian packages the tests use (decompressors, nginx and prometheus as references/peers;
+# fuse3 for mounting repositories with the genuine CernVM-FS client).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -29,6 +29,9 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=4, help="objects checked in parallel")
     parser.add_argument("--current-only", action="store_true",
                         help="only the current revision, not the revisions tagged in the history")
+    parser.add_argument("--no-recompress", action="store_true",
+                        help="do not re-compress objects as stratum 1s and cvmfs_fsck do (faster; "
+                             "misses objects they reject)")
 
 
 def add_ls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +81,8 @@ def run_verify(args: argparse.Namespace) -> int:
     keys = _keys(args)
     source = open_source(args.location, proxy=args.proxy, repo=args.repo)
     report = verify_repository(source, Options(tuple(keys), repo=args.repo, workers=args.workers,
-                                               tags=not args.current_only))
+                                               tags=not args.current_only,
+                                               recompress=not args.no_recompress))
     for problem in report.problems:
         print(problem)
     print(("ok: " if report.ok else "FAILED: ") + report.summary())

@@ -4,6 +4,11 @@ Objects are checked against their names as they are read (spec §2: the hash is 
 stored, i.e. compressed unless the entry says otherwise; spec §10: "every downloaded object's hash
 must equal its name"). Over HTTP a mismatch is retried once with ``Cache-Control: no-cache``, as a
 client does when a proxy may hold a damaged copy.
+
+The verifier also re-compresses what it inflates, as the genuine tools do (``docs/cvmfs-format.md``):
+a stratum 1 re-compresses the certificate and meta-info it replicates and ``cvmfs_fsck`` every
+object of a client cache, both with zlib's default deflate, and compare the hash with the name.
+The result does not depend on how the content is cut into pieces, so it is computed streaming.
 """
 
 from __future__ import annotations
@@ -139,6 +144,29 @@ class ObjectInfo:
 
     stored_size: int
     size: int
+    recompressed: str | None = None  # hash of zlib's default deflate of the content
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An object's inflated content and the hash of its re-compression."""
+
+    content: bytes
+    recompressed: str
+
+
+def recompression_problem(name: str, expected: ContentHash, recompressed: str | None) -> str | None:
+    """The complaint of a stratum 1 / ``cvmfs_fsck`` about an object, or None if it has none."""
+    if recompressed is None or recompressed == expected.hex:
+        return None
+    return (f"{name}: not stored as zlib's default deflate of its content (re-compressed it "
+            f"hashes to {recompressed}): a stratum-1 pull and cvmfs_fsck re-compress and reject it")
+
+
+def _recompressed_hash(content: bytes, expected: ContentHash) -> str:
+    hasher = expected.new_hasher()
+    hasher.update(zlib.compress(content, zlib.Z_DEFAULT_COMPRESSION))
+    return hasher.hexdigest()
 
 
 def inflate(raw: bytes, name: str) -> bytes:
@@ -160,9 +188,11 @@ def _attempts(source: Source) -> tuple[bool, ...]:
 
 
 def _scan(source: Source, expected: ContentHash, name: str, fresh: bool,
-          compressed: bool) -> ObjectInfo:
+          compressed: bool, recompress: bool) -> ObjectInfo:
     hasher = expected.new_hasher()
     inflater = zlib.decompressobj() if compressed else None
+    deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION) if compressed and recompress else None
+    rehasher = expected.new_hasher()
     stored = size = extra = 0
     inflate_error = ""
     for block in source.stream(name, fresh=fresh):
@@ -175,9 +205,14 @@ def _scan(source: Source, expected: ContentHash, name: str, fresh: bool,
         elif not inflate_error:
             try:
                 data = block
-                while data and not inflater.eof:
-                    size += len(inflater.decompress(data, INFLATE_STEP))
+                while not inflater.eof:
+                    piece = inflater.decompress(data, INFLATE_STEP)
+                    size += len(piece)
+                    if deflater is not None:
+                        rehasher.update(deflater.compress(piece))
                     data = inflater.unconsumed_tail
+                    if not data and len(piece) < INFLATE_STEP:  # else output may be pending
+                        break
             except zlib.error as err:
                 inflate_error = f"not a zlib stream ({err})"
     got = hasher.hexdigest()
@@ -191,22 +226,34 @@ def _scan(source: Source, expected: ContentHash, name: str, fresh: bool,
             inflate_error = f"{extra} bytes after the zlib stream"
     if inflate_error:
         raise BadObjectError(f"{name}: {inflate_error}")
-    return ObjectInfo(stored, size)
+    if deflater is None:
+        return ObjectInfo(stored, size)
+    rehasher.update(deflater.flush())
+    return ObjectInfo(stored, size, rehasher.hexdigest())
 
 
 def check_object(source: Source, expected: ContentHash, suffix: str, *,
-                 compressed: bool = True) -> ObjectInfo:
-    """Stream an object, re-hash it against its name and inflate it; raise NotFoundError/BadObjectError."""
+                 compressed: bool = True, recompress: bool = False) -> ObjectInfo:
+    """Stream an object, re-hash it against its name and inflate it; raise NotFoundError/BadObjectError.
+
+    ``recompress``: also deflate the content as the genuine tools do (``ObjectInfo.recompressed``).
+    """
     name = expected.object_path(suffix)
     problem = BadObjectError(name)
     for fresh in _attempts(source):
         try:
-            return _scan(source, expected, name, fresh, compressed)
+            return _scan(source, expected, name, fresh, compressed, recompress)
         except HashError as err:
             raise BadObjectError(f"{name}: {err}") from None
         except BadObjectError as err:
             problem = err
     raise problem
+
+
+def fetch_recompressed(source: Source, expected: ContentHash, suffix: str) -> Fetched:
+    """A zlib object's content and the hash of its re-compression (see :func:`check_object`)."""
+    content = fetch_object(source, expected, suffix)
+    return Fetched(content, _recompressed_hash(content, expected))
 
 
 def fetch_object(source: Source, expected: ContentHash, suffix: str, *,

@@ -28,6 +28,7 @@ class ObjectRef:
     size: int | None
     where: str
     loaded: bool = False  # already fetched and hash-checked by whoever referenced it
+    current: bool = True  # referenced by the current revision (not only by older tags)
 
     @property
     def path(self) -> str:
@@ -48,6 +49,7 @@ class Report:
     objects: int = 0
     stored_bytes: int = 0
     unreferenced: int | None = None
+    other_compression: int = 0  # objects only older tagged revisions use, not as CVMFS stores them
 
     def add(self, where: str, what: str) -> None:
         """Record a problem."""
@@ -66,6 +68,10 @@ class Report:
         if self.unreferenced:
             text += (f"; {self.unreferenced} stored objects unreachable from this revision and "
                      "its tags (garbage)")
+        if self.other_compression:
+            text += (f"; {self.other_compression} objects only older tagged revisions use are not "
+                     "stored as CernVM-FS re-compresses them (kept for their readers until "
+                     "garbage collection retires those revisions)")
         if self.problems:
             text += f"; {len(self.problems)} problems"
         return text

@@ -7,7 +7,10 @@ Every problem is collected with its location; nothing stops at the first one. Se
 - whitelist: signature by a master key, expiry, repository name, certificate fingerprint (§5);
 - every catalog reachable from the root (§6-§8, §10; see :mod:`tree`);
 - every referenced object present and re-hashed against its name (§2): catalogs, file contents,
-  chunks, history, certificate, meta-info; inflated size equal to the catalog's size;
+  chunks, history, certificate, meta-info; inflated size equal to the catalog's size; and
+  re-compressed as genuine stratum 1s and ``cvmfs_fsck`` do (``docs/cvmfs-format.md``): a
+  difference is a problem in the current revision, and counted for objects only older tagged
+  revisions use (those were published before and are kept for their readers);
 - history database: schema, name, a tag for the current revision, branches (§9, §10);
 - reflog: plain-file hash ``Y``, and it lists this revision's root catalog, certificate, history
   and meta-info with their types (§9, as ``swissknife check`` does);
@@ -16,6 +19,7 @@ Every problem is collected with its location; nothing stops at the first one. Se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +35,9 @@ from cvmfs_verify.fetch import (
     Source,
     check_object,
     fetch_object,
+    fetch_recompressed,
     read,
+    recompression_problem,
 )
 from cvmfs_verify.hashes import (
     SUFFIX_CATALOG,
@@ -61,6 +67,7 @@ class Options:
     now: float | None = None
     workers: int = 4
     tags: bool = True  # also walk every tagged revision (what garbage collection must keep)
+    recompress: bool = True  # re-compress objects as stratum 1s and cvmfs_fsck do
 
 
 def verify_repository(source: Source, options: Options) -> Report:
@@ -75,9 +82,23 @@ class _Verifier:
         self.report = Report(source.location)
         self.objects: dict[str, list[ObjectRef]] = {}
         self.tags: list[tuple[str, ContentHash, int, int]] = []
+        self._current = True  # walking the current revision (False: older tagged ones)
 
     def add_object(self, ref: ObjectRef) -> None:
+        if not self._current:
+            ref = dataclasses.replace(ref, current=False)
         self.objects.setdefault(ref.path, []).append(ref)
+
+    def _compression(self, where: str, name: str, expected: ContentHash,
+                     recompressed: str | None, current: bool) -> None:
+        """Report an object the genuine tools would re-compress differently."""
+        problem = recompression_problem(name, expected, recompressed)
+        if problem is None:
+            return
+        if current:
+            self.report.add(where, problem)
+        else:
+            self.report.other_compression += 1
 
     def run(self) -> Report:
         manifest = self._manifest()
@@ -90,9 +111,11 @@ class _Verifier:
         if root is not None:
             self._revisions(manifest, walker.walk(root, manifest.number("B"), "manifest B"))
         self._history(manifest)
-        if self.options.tags:
-            self._tagged_revisions(walker, root)
         self._metainfo(manifest)
+        if self.options.tags:
+            self._current = False
+            self._tagged_revisions(walker, root)
+            self._current = True
         self._reflog(manifest)
         self._alternative_paths(manifest)
         self._check_objects()
@@ -107,15 +130,25 @@ class _Verifier:
         chain = check_chain(self.source, list(self.options.keys), repo=self.options.repo,
                             now=self.options.now, add=self.report.add)
         cert = chain.manifest.hash("X") if chain.manifest is not None else None
-        if cert is not None:
+        if cert is not None:  # loaded by the chain of trust; checked again to re-compress it
             self.add_object(ObjectRef(cert, SUFFIX_CERTIFICATE, True, None, "manifest X",
-                                      loaded=True))
+                                      loaded=not self.options.recompress))
         return chain.manifest
 
     # -- databases ---------------------------------------------------------------------------
 
+    def _load(self, found: ContentHash, suffix: str, where: str) -> bytes:
+        """Fetch, hash-check and inflate an object (and re-compress it, unless told not to)."""
+        if not self.options.recompress:
+            return fetch_object(self.source, found, suffix)
+        fetched = fetch_recompressed(self.source, found, suffix)
+        self._compression(where, found.object_path(suffix), found, fetched.recompressed,
+                          self._current)
+        return fetched.content
+
     def _load_catalog(self, catalog_hash: ContentHash) -> Catalog:
-        return Catalog(fetch_object(self.source, catalog_hash, SUFFIX_CATALOG))
+        where = f"catalog {catalog_hash.object_path(SUFFIX_CATALOG)}"
+        return Catalog(self._load(catalog_hash, SUFFIX_CATALOG, where))
 
     def _revisions(self, manifest: Manifest, root: RootInfo | None) -> None:
         where = f"manifest {MANIFEST}"
@@ -148,7 +181,7 @@ class _Verifier:
         where = f"{kind} {found.object_path(suffix)}"
         self.add_object(ObjectRef(found, suffix, True, None, f"manifest {letter}", loaded=True))
         try:
-            return where, fetch_object(self.source, found, suffix)
+            return where, self._load(found, suffix, where)
         except LOAD_ERRORS as err:
             self.report.add(where, f"cannot load: {err}")
             return None
@@ -285,27 +318,32 @@ class _Verifier:
     # -- objects -----------------------------------------------------------------------------
 
     def _check_objects(self) -> None:
-        def check(refs: list[ObjectRef]) -> tuple[list[ObjectRef], int, int, str | None]:
+        def check(refs: list[ObjectRef]) -> tuple[list[ObjectRef], int, int, str | None,
+                                                  str | None]:
             first = refs[0]
             if any(ref.loaded for ref in refs):
-                return refs, 0, 0, None
+                return refs, 0, 0, None, None
             try:
                 info = check_object(self.source, first.hash, first.suffix,
-                                    compressed=first.compressed)
+                                    compressed=first.compressed,
+                                    recompress=self.options.recompress)
             except LOAD_ERRORS as err:
                 text = f"object {first.path} missing" if isinstance(err, NotFoundError) else \
                     f"object {err}"
-                return refs, 0, 0, text
-            return refs, info.stored_size, info.size, None
+                return refs, 0, 0, text, None
+            return refs, info.stored_size, info.size, None, info.recompressed
 
         pending = [refs for refs in self.objects.values()]
         with ThreadPoolExecutor(max_workers=max(1, self.options.workers)) as pool:
-            for refs, stored, size, error in pool.map(check, pending):
+            for refs, stored, size, error, recompressed in pool.map(check, pending):
                 self.report.objects += 1
                 self.report.stored_bytes += stored
                 if error is not None:
                     self.report.add(refs[0].where, error + _also(refs))
                     continue
+                current = [ref for ref in refs if ref.current]
+                self._compression((current or refs)[0].where, refs[0].path, refs[0].hash,
+                                  recompressed, bool(current))
                 for ref in refs:
                     if ref.size is not None and ref.size != size:
                         self.report.add(ref.where, f"object {ref.path} inflates to {size} bytes, "

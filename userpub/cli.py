@@ -309,6 +309,30 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recompress(args: argparse.Namespace) -> int:
+    """Rewrite a cvmfs-native repository into the compression genuine CernVM-FS tools expect."""
+    import sqlite3
+    import zlib
+
+    from publisher.repositories.base import RepositoryError
+    from publisher.repositories.cvmfs_native import KeysError, open_native
+    from publisher.repositories.cvmfs_native.migrate import recompress
+
+    config = _config(args)
+    try:
+        repo = config.repository(args.repo)
+    except KeyError:
+        raise Fatal(f"repository {args.repo!r} is not configured") from None
+    if repo.backend != "cvmfs-native" or not repo.is_hosted_on(config.server.name):
+        raise Fatal(f"repository {repo.name} is not a cvmfs-native repository hosted here")
+    try:
+        result = recompress(open_native(config, repo), max(0, args.processes))
+    except (RepositoryError, KeysError, OSError, sqlite3.Error, zlib.error) as err:
+        raise Fatal(f"{repo.name}: recompress failed: {err}") from None
+    print(result.summary(repo.name))
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -365,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("keys", cmd_keys, "keys of a cvmfs-native repository (init: create them)")
     p.add_argument("action", choices=["init"])
     p.add_argument("repo", help="repository name")
+    p = add("recompress", cmd_recompress, "store a cvmfs-native repository as CernVM-FS "
+            "compresses (one new revision; for repositories written before issue 20)")
+    p.add_argument("repo", help="repository name")
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 2,
+                   help="worker processes re-compressing objects (0: none)")
     return parser
 
 

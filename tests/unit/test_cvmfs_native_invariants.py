@@ -217,7 +217,8 @@ def userpub_verify(root: Path, master_pub: Path, repo: str | None = None) -> str
 
 
 def all_objects_hash_to_their_names(root: Path) -> int:
-    """Re-hash every stored object; return how many."""
+    """Re-hash every stored object, and re-compress it as stratum 1s and cvmfs_fsck do
+    (zlib's default level: docs/cvmfs-format.md); return how many."""
     n = 0
     for sub in (root / "data").iterdir():
         if sub.name == "txn":
@@ -225,7 +226,9 @@ def all_objects_hash_to_their_names(root: Path) -> int:
         for f in sub.iterdir():
             name = sub.name + f.name
             hexhash = name[:40]
-            assert hashlib.sha1(f.read_bytes()).hexdigest() == hexhash, name
+            raw = f.read_bytes()
+            assert hashlib.sha1(raw).hexdigest() == hexhash, name
+            assert zlib.compress(zlib.decompress(raw)) == raw, f"{name}: not CernVM-FS's deflate"
             n += 1
     return n
 

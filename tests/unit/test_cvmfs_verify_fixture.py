@@ -121,6 +121,7 @@ class Tweaks:
     not_zlib: tuple[str, ...] = ()
     tags: tuple[tuple[str, str, int, int], ...] = ()  # more tags: (name, root hash, revision, size)
     size: dict[str, int] = field(default_factory=dict)
+    level: dict[str, int] = field(default_factory=dict)  # object suffix -> other zlib level
 
 
 @dataclass
@@ -141,9 +142,9 @@ def md5_pair(path: str) -> tuple[int, int]:
     return a, b
 
 
-def store(root: Path, data: bytes, suffix: str = "") -> str:
+def store(root: Path, data: bytes, suffix: str = "", level: int = -1) -> str:
     """Spec §2: zlib-compress, name by SHA-1 of the compressed bytes, ``data/xx/rest<suffix>``."""
-    packed = zlib.compress(data)
+    packed = zlib.compress(data, level)
     digest = hashlib.sha1(packed).hexdigest()
     path = root / "data" / digest[:2] / (digest[2:] + suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +239,7 @@ def write_repository(root: Path, name: str, nodes: list[Node], keys: Keys, *,
                 pieces = range(0, len(node.data), chunk_size)
                 for offset in pieces:
                     piece = node.data[offset:offset + chunk_size]
-                    digest = store(root, piece, "P")
+                    digest = store(root, piece, "P", tweaks.level.get("P", -1))
                     chunks[owner].append((*md5_pair(path), offset, len(piece), bytes.fromhex(digest)))
                 stats[owner]["chunked"] += 1
                 stats[owner]["chunked_size"] += size
@@ -249,7 +250,7 @@ def write_repository(root: Path, name: str, nodes: list[Node], keys: Keys, *,
                 object_file(root, digest).write_bytes(node.data)
                 content = bytes.fromhex(digest)
             else:
-                digest = store(root, node.data)
+                digest = store(root, node.data, "", tweaks.level.get("", -1))
                 written.objects[path] = digest
                 content = bytes.fromhex(digest)
         linkcount = tweaks.linkcount.get(path, linkcount)
@@ -292,7 +293,7 @@ def write_repository(root: Path, name: str, nodes: list[Node], keys: Keys, *,
                 value = tweaks.counters.get((mount, f"{scope}_{counter}"), table[mount][counter])
                 fill.append(("INSERT INTO statistics VALUES (?, ?)", (f"{scope}_{counter}", value)))
         data = _sqlite(CATALOG_SQL, fill)
-        digest = store(root, data, "C")
+        digest = store(root, data, "C", tweaks.level.get("C", -1))
         written.catalogs[mount or "/"] = digest
         if mount:
             parent = _owner(mount.rpartition("/")[0], mounts)
@@ -308,10 +309,11 @@ def _finish(written: Written, keys: Keys, revision: int, root_hash: str, root_si
             tweaks: Tweaks) -> Written:
     root, name = written.root, written.name
     cert_pem = keys.cert.public_bytes(serialization.Encoding.PEM)
-    cert_hash = store(root, cert_pem, "X")
+    cert_hash = store(root, cert_pem, "X", tweaks.level.get("X", -1))
     meta_hash = store(root, json.dumps({"administrator": "test", "email": "t@example.org",
                                         "organisation": "test", "description": "fixture",
-                                        "recommended-stratum1s": [], "custom": {}}).encode(), "M")
+                                        "recommended-stratum1s": [], "custom": {}}).encode(), "M",
+                      tweaks.level.get("M", -1))
     history = _sqlite(HISTORY_SQL, [
         ("INSERT INTO properties VALUES (?, ?)", ("schema", "1.0")),
         ("INSERT INTO properties VALUES (?, ?)", ("schema_revision", "3")),
@@ -320,7 +322,7 @@ def _finish(written: Written, keys: Keys, revision: int, root_hash: str, root_si
          ("trunk", root_hash, revision, MTIME, "current HEAD", root_size)),
         *[("INSERT INTO tags VALUES (?, ?, ?, ?, 0, '', ?, '')", (n, h, r, MTIME, z))
           for n, h, r, z in tweaks.tags]])
-    history_hash = store(root, history, "H")
+    history_hash = store(root, history, "H", tweaks.level.get("H", -1))
     refs = {"C": (root_hash, 0), "X": (cert_hash, 1), "H": (history_hash, 2), "M": (meta_hash, 3)}
     reflog = _sqlite(REFLOG_SQL, [
         ("INSERT INTO properties VALUES (?, ?)", ("schema", "1.0")),

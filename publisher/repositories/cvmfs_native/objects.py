@@ -1,10 +1,11 @@
 """The content-addressed object store of a stratum 0: ``data/XX/<rest-of-hash><suffix>``.
 
-Objects are zlib streams (RFC 1950) named by the SHA-1 of the *compressed* bytes, as CVMFS
-does by default. Compression uses ISA-L's zlib-compatible deflate at level 1 (several times
-faster than zlib and releasing the GIL); any zlib reader inflates it. An object is written to
-``data/txn/`` and renamed into place, so a name never shows partial content; an object that
-already exists with the expected size is not written again (deduplication).
+Objects are zlib streams (RFC 1950) made exactly as CernVM-FS makes them (:mod:`.compression`:
+genuine stratum 1s and ``cvmfs_fsck`` re-compress and compare) and named by the SHA-1 of the
+*compressed* bytes, as CVMFS does by default. An object is written to ``data/txn/`` and renamed
+into place, so a name never shows partial content; an object that already exists with the
+expected size is not written again, and content the :class:`.ContentIndex` knows is not even
+compressed again (deduplication).
 
 :class:`ObjectPipeline` compresses, hashes and stores objects in batches in worker processes,
 bounded in the bytes it holds, so the tar stream, chunking and compression use every core.
@@ -15,38 +16,39 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import itertools
+import logging
 import os
 import signal
+import sqlite3
 import threading
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from isal import isal_zlib
-
 from publisher.repositories.cvmfs_native.chunking import ChunkParams, split
-
-_LEVEL = 1  # ISA-L levels are 0-3; 1 is several times faster than zlib's 1 at similar size
+from publisher.repositories.cvmfs_native.compression import compress, decompress
+from publisher.repositories.cvmfs_native.contents import (
+    INDEX_NAME,
+    ContentIndex,
+    Entry,
+    Key,
+    content_key,
+)
+from publisher.repositories.cvmfs_native.layout import WORK
 
 # Object name suffixes (cvmfs Digest::MakePath): none for file content.
 CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL = "C", "H", "X", "M", "P"
 SUFFIXES = ("", CATALOG, HISTORY, CERTIFICATE, METAINFO, PARTIAL, "L")
 _FILE_MODE = 0o644
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger("userpub.repository.cvmfs_native")
 
-
-def compress(data: bytes | memoryview) -> bytes:
-    """One zlib stream of ``data``."""
-    return bytes(isal_zlib.compress(data, _LEVEL))
-
-
-def decompress(data: bytes) -> bytes:
-    """Inflate one zlib stream (zlib.error if it is not one)."""
-    return zlib.decompress(data)
+__all__ = ["CATALOG", "CERTIFICATE", "HISTORY", "METAINFO", "PARTIAL", "SUFFIXES", "FileTicket",
+           "ObjectPipeline", "ObjectStore", "StoredObject", "Ticket", "compress", "decompress",
+           "object_digest", "store_file", "worker_init"]
 
 
 def object_digest(stored: bytes) -> bytes:
@@ -61,6 +63,7 @@ class StoredObject:
     digest: bytes
     stored_size: int
     new: bool
+    compressed: bool = True  # False: found through the content index, not compressed again
 
     @property
     def hex(self) -> str:
@@ -71,11 +74,39 @@ class StoredObject:
 class ObjectStore:
     """``<root>/data``: put, get, list and delete objects."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, txn: Path | None = None) -> None:
         self.root = root
         self.data = root / "data"
-        self.txn = self.data / "txn"
+        self.txn = txn or self.data / "txn"  # temporary files (on the same filesystem)
         self._names = itertools.count()
+        self._index: ContentIndex | None = None
+
+    @property
+    def index_path(self) -> Path:
+        """The content index (``.userpub/contents.sqlite``)."""
+        return self.root / WORK / INDEX_NAME
+
+    def index(self, *, create: bool = False) -> ContentIndex | None:
+        """The content index; None if there is none (``create``: make one, for the writer)."""
+        if self._index is None:
+            if create:
+                index = ContentIndex(self.index_path)
+                try:
+                    self.index_path.parent.mkdir(parents=True, exist_ok=True)
+                    index.prepare()
+                except (OSError, sqlite3.Error) as err:  # a cache: publishing goes on without
+                    log.warning("%s: no content index: %s", self.index_path, err)
+                    index.close()
+                    return None
+                self._index = index
+            elif self.index_path.exists():
+                self._index = ContentIndex(self.index_path)
+        return self._index
+
+    def close_index(self) -> None:
+        """Close the content index's connection (reopened when needed)."""
+        if self._index is not None:
+            self._index.close()
 
     def ensure_layout(self) -> None:
         """Create ``data/00`` .. ``data/ff`` and ``data/txn`` (idempotent)."""
@@ -111,9 +142,36 @@ class ObjectStore:
         os.rename(tmp, final)
         return StoredObject(digest, len(stored), new=True)
 
+    def present(self, digest: bytes, suffix: str, stored_size: int) -> bool:
+        """True when the object is stored under its name with that size."""
+        try:
+            return os.stat(self.path(digest.hex(), suffix)).st_size == stored_size
+        except FileNotFoundError:
+            return False
+
     def put_data(self, data: bytes | memoryview, suffix: str = "") -> StoredObject:
-        """Compress ``data`` and store it."""
-        return self.put(compress(data), suffix)
+        """Compress ``data`` and store it (unless the content index knows it is stored)."""
+        return self.put_many([(data, suffix)])[0]
+
+    def put_many(self, items: Sequence[tuple[bytes | memoryview, str]]) -> list[StoredObject]:
+        """Store several contents; those the content index knows are not compressed again."""
+        index = self.index()
+        if index is None:
+            return [self.put(compress(data), suffix) for data, suffix in items]
+        keys = [content_key(data, suffix) for data, suffix in items]
+        known = index.lookup(set(keys))
+        out: list[StoredObject] = []
+        learned: dict[Key, Entry] = {}
+        for key, (data, suffix) in zip(keys, items, strict=True):
+            hit = known.get(key)
+            if hit is not None and self.present(hit[0], suffix, hit[1]):
+                out.append(StoredObject(hit[0], hit[1], new=False, compressed=False))
+                continue
+            stored = self.put(compress(data), suffix)
+            out.append(stored)
+            learned[key] = known[key] = (stored.digest, stored.stored_size)
+        index.record(learned.items())
+        return out
 
     def put_file(self, path: Path, suffix: str) -> StoredObject:
         """Compress a file (a finished catalog or history database) and store it."""
@@ -152,10 +210,24 @@ class ObjectStore:
         return count
 
 
-def _store_batch(root: str, items: list[tuple[bytes, str]]) -> list[tuple[bytes, int, bool]]:
+_Result = tuple[bytes, int, bool, bool]  # a StoredObject across processes
+
+
+def _pack(o: StoredObject) -> _Result:
+    return o.digest, o.stored_size, o.new, o.compressed
+
+
+def _unpack(r: _Result) -> StoredObject:
+    return StoredObject(r[0], r[1], r[2], r[3])
+
+
+def _store_batch(root: str, items: list[tuple[bytes, str]]) -> list[_Result]:
     """Worker-process side of :class:`ObjectPipeline`: compress, hash and store a batch."""
     store = ObjectStore(Path(root))
-    return [(o.digest, o.stored_size, o.new) for o in (store.put_data(d, s) for d, s in items)]
+    try:
+        return [_pack(o) for o in store.put_many(items)]
+    finally:
+        store.close_index()
 
 
 def store_file(store: ObjectStore, data: bytes | memoryview, params: ChunkParams
@@ -164,13 +236,17 @@ def store_file(store: ObjectStore, data: bytes | memoryview, params: ChunkParams
     pieces = split(data, params) if len(data) > params.minimum else [memoryview(data)]
     if len(pieces) == 1:
         return [(len(data), store.put_data(data))]
-    return [(len(p), store.put_data(p, PARTIAL)) for p in pieces]
+    return list(zip((len(p) for p in pieces), store.put_many([(p, PARTIAL) for p in pieces]),
+                    strict=True))
 
 
-def _store_file(root: str, data: bytes, params: ChunkParams) -> list[tuple[int, bytes, int, bool]]:
+def _store_file(root: str, data: bytes, params: ChunkParams) -> list[tuple[int, _Result]]:
     """Worker-process side of :meth:`ObjectPipeline.submit_file`."""
-    return [(size, o.digest, o.stored_size, o.new)
-            for size, o in store_file(ObjectStore(Path(root)), data, params)]
+    store = ObjectStore(Path(root))
+    try:
+        return [(size, _pack(o)) for size, o in store_file(store, data, params)]
+    finally:
+        store.close_index()
 
 
 class FileTicket:
@@ -178,7 +254,7 @@ class FileTicket:
 
     __slots__ = ("_future", "_value")
 
-    def __init__(self, future: Future[list[tuple[int, bytes, int, bool]]] | None,
+    def __init__(self, future: Future[list[tuple[int, _Result]]] | None,
                  value: list[tuple[int, StoredObject]] | None = None) -> None:
         self._future = future
         self._value = value
@@ -187,12 +263,11 @@ class FileTicket:
         """The stored pieces; raises what storing raised."""
         if self._value is None:
             assert self._future is not None
-            self._value = [(size, StoredObject(d, n, new))
-                           for size, d, n, new in self._future.result()]
+            self._value = [(size, _unpack(r)) for size, r in self._future.result()]
         return self._value
 
 
-def _worker_init(parent: int) -> None:
+def worker_init(parent: int) -> None:
     """Make a worker die with the process that started it (even by ``kill -9``)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -211,7 +286,7 @@ class _Batch:
     def __init__(self) -> None:
         self.items: list[tuple[bytes, str]] = []
         self.size = 0
-        self.future: Future[list[tuple[bytes, int, bool]]] | None = None
+        self.future: Future[list[_Result]] | None = None
         self.results: list[StoredObject] | None = None
 
 
@@ -232,7 +307,7 @@ class Ticket:
             if batch.future is None:
                 self._pipeline.flush()
             assert batch.future is not None
-            batch.results = [StoredObject(d, n, new) for d, n, new in batch.future.result()]
+            batch.results = [_unpack(r) for r in batch.future.result()]
         return batch.results[self._index]
 
 
@@ -248,7 +323,7 @@ class ObjectPipeline:
                  batch_count: int = 128, max_bytes: int = 384 << 20) -> None:
         self.store = store
         self._pool = (ProcessPoolExecutor(processes, mp_context=get_context("spawn"),
-                                          initializer=_worker_init, initargs=(os.getpid(),))
+                                          initializer=worker_init, initargs=(os.getpid(),))
                       if processes else None)
         self._batch = _Batch()
         self._inflight: list[tuple[Future[Any], int]] = []
@@ -291,7 +366,7 @@ class ObjectPipeline:
             return
         self._batch = _Batch()
         if self._pool is None:
-            batch.results = [self.store.put_data(d, s) for d, s in batch.items]
+            batch.results = self.store.put_many(batch.items)
             batch.items = []
             return
         self._make_room(batch.size)

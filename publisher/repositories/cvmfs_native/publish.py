@@ -263,12 +263,21 @@ class RevisionWriter:
         """Store the next revision's objects, then switch the manifest to it."""
         revision = (base.revision if base else 0) + 1
         root = self.namespace(base, changes, revision, now)
+        self.written += [h for built in changes.added.values() for h in built.written]
+        return self.seal(base, root.digest, root.size, revision, now, prune=prune,
+                         drop_refs=drop_refs)
+
+    def seal(self, base: Manifest | None, root_digest: str, root_size: int, revision: int,
+             now: int, *, prune: Callable[[History], None] | None = None,
+             drop_refs: list[str] | None = None) -> Manifest:
+        """History, certificate, meta-info, reflog (listing ``written``) and the signed manifest
+        of a revision whose catalogs are stored; then switch to it."""
         history_local = self.temp()
         if base is not None and base.history:
             history_local.write_bytes(self.store.get(base.history, HISTORY))
         history = History(history_local, self.who.fqrn,
                           create=base is None or not base.history)
-        history.record_revision(root.digest, root.size, revision, now)
+        history.record_revision(root_digest, root_size, revision, now)
         if prune is not None:
             prune(history)
         history.finish(base.history if base else None)
@@ -286,12 +295,11 @@ class RevisionWriter:
         if drop_refs:
             reflog.remove(drop_refs)
         refs = [(h, REF_CATALOG) for h in self.written]
-        refs += [(h, REF_CATALOG) for built in changes.added.values() for h in built.written]
         refs += [(history_obj.hex, REF_HISTORY), (cert.hex, REF_CERTIFICATE),
                  (meta.hex, REF_METAINFO)]
         reflog.add(refs, now)
         reflog.finish()
-        manifest = Manifest(root_catalog=root.digest, catalog_size=root.size, ttl=DEFAULT_TTL,
+        manifest = Manifest(root_catalog=root_digest, catalog_size=root_size, ttl=DEFAULT_TTL,
                             revision=revision, fqrn=self.who.fqrn, certificate=cert.hex,
                             history=history_obj.hex, timestamp=now, metainfo=meta.hex,
                             reflog=object_digest(reflog_local.read_bytes()).hex())

@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,11 @@ from filelock import FileLock
 
 from publisher.repositories.base import GcResult, RemoveResult, RepositoryError
 from publisher.repositories.cvmfs_native.chunking import DEFAULT_PARAMS, ChunkParams
+from publisher.repositories.cvmfs_native.compression import (
+    compressor_problem,
+    decompress,
+    is_canonical,
+)
 from publisher.repositories.cvmfs_native.gc import expired, kept_roots, reachable
 from publisher.repositories.cvmfs_native.history import History
 from publisher.repositories.cvmfs_native.keys import KeyFiles, Keys, KeysError, load_keys
@@ -82,6 +88,7 @@ class NativeRepository(NativeReader):
         self._keys: Keys | None = None
         self._lock_file: FileLock | None = None
         self._last_idle_check = 0.0
+        self._compressor_ok = False
 
     # -- setup ----------------------------------------------------------------------------------
     def keys(self) -> Keys:
@@ -91,7 +98,8 @@ class NativeRepository(NativeReader):
         return self._keys
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
+        """Hold the repository's writer lock (one writer at a time)."""
         self.layout.work.mkdir(parents=True, exist_ok=True)
         if self._lock_file is None:
             self._lock_file = FileLock(self.layout.lock)
@@ -105,10 +113,32 @@ class NativeRepository(NativeReader):
         return RevisionWriter(self.layout, self.store, self.keys(), who, self.store.temp_path,
                               durable=self.durable)
 
+    def check_compressor(self) -> None:
+        """RepositoryError unless zlib here makes the bytes genuine CernVM-FS tools expect."""
+        if not self._compressor_ok:
+            problem = compressor_problem()
+            if problem is not None:
+                raise RepositoryError(f"{self.name}: {problem}")
+            self._compressor_ok = True
+
+    def uses_genuine_compression(self) -> bool:
+        """False when the current root catalog is stored in another compression (the old form)."""
+        manifest = self.manifest()
+        if manifest is None:
+            return True
+        try:
+            stored = self.store.path(manifest.root_catalog, CATALOG).read_bytes()
+            return is_canonical(stored, decompress(stored))
+        except (OSError, zlib.error) as err:  # not for this check to judge (userpub verify)
+            log.error("%s: cannot read the root catalog: %s", self.name, err)
+            return True
+
     def initialize(self) -> None:
         """Create the layout, a first empty revision and a whitelist if there are none."""
+        self.check_compressor()
         self.layout.ensure()
         self.store.ensure_layout()
+        self.store.index(create=True)
         self.ensure_whitelist()
         if self.manifest() is None:
             manifest = self.writer().write(None, Changes(), int(time.time()))
@@ -149,7 +179,7 @@ class NativeRepository(NativeReader):
     @contextmanager
     def transaction(self) -> Iterator[NativeTransaction]:
         """One revision: published on clean exit, nothing published on an exception."""
-        with self._locked():
+        with self.locked():
             try:
                 self.initialize()
             except (KeysError, OSError) as err:
@@ -164,7 +194,7 @@ class NativeRepository(NativeReader):
 
     def recover(self) -> None:
         """Drop what an interrupted writer left (temporary files, unswitched generations)."""
-        with self._locked():
+        with self.locked():
             leftovers = self.store.clear_txn()
             if leftovers:
                 log.warning("%s: removed %d leftovers of an interrupted write", self.name,
@@ -175,11 +205,15 @@ class NativeRepository(NativeReader):
                 self.initialize()
             except KeysError as err:
                 raise RepositoryError(str(err)) from None
+            if not self.uses_genuine_compression():
+                log.warning("%s: the current revision is stored in the old compression (before "
+                            "issue 20): stratum 1s and client cache checks reject it; run "
+                            "`userpub recompress %s`", self.name, self.name)
 
     def gc(self) -> GcResult:
         """Delete objects that no kept revision reaches; publishes one revision."""
         start = time.monotonic()
-        with self._locked():
+        with self.locked():
             self.initialize()
             base = self.manifest()
             assert base is not None
@@ -207,6 +241,7 @@ class NativeRepository(NativeReader):
             fresh = {manifest.root_catalog + CATALOG, manifest.history + HISTORY,
                      manifest.certificate + CERTIFICATE, manifest.metainfo + METAINFO}
             freed = 0
+            deleted: list[str] = []
             for name, path in doomed:
                 if name in fresh:
                     continue
@@ -215,6 +250,11 @@ class NativeRepository(NativeReader):
                     path.unlink()
                 except FileNotFoundError:
                     continue
+                deleted.append(name[:40])
+            index = self.store.index()
+            if index is not None:
+                index.forget(bytes.fromhex(h) for h in deleted if len(h) == 40
+                             and all(c in "0123456789abcdef" for c in h))
             write_status(self.root, last_gc=time.strftime("%a %b %d %H:%M:%S UTC %Y",
                                                           time.gmtime(now)))
         log.info("%s: garbage collection freed %d bytes in %d objects", self.name, freed,
@@ -228,7 +268,7 @@ class NativeRepository(NativeReader):
             return
         self._last_idle_check = now
         try:
-            with self._locked():
+            with self.locked():
                 self.ensure_whitelist()
         except (RepositoryError, KeysError, OSError) as err:
             log.error("%s: whitelist check failed: %s", self.name, err)
