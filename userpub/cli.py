@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from userpub import __version__
 from userpub.config import Config, ConfigError, load_config, resolve_config_path
@@ -286,6 +287,29 @@ def cmd_cat(args: argparse.Namespace) -> int:
         raise Fatal(str(err)) from None
 
 
+def cmd_initrepos(args: argparse.Namespace) -> int:
+    """Create this host's cvmfs-server repositories and replicas (what is missing)."""
+    import logging as logging_module
+    import shutil
+
+    from publisher.repositories.cvmfs_server.setup import init_repositories
+    from publisher.repositories.cvmfs_server.subprocess_log import run_command
+
+    config = _config(args)
+    program = shutil.which("cvmfs_server")
+    if program is None:
+        raise Fatal("cvmfs_server not found on PATH (install cvmfs-server)")
+    logger = logging_module.getLogger("userpub.repository.cvmfs_server")
+
+    def run(argv: Sequence[str]) -> Any:
+        return run_command([program, *argv], timeout=args.timeout, log=logger)
+
+    for line in init_repositories(config, run, etc=Path(args.etc), srv=Path(args.srv),
+                                  owner=args.owner, keys=Path(args.keys)):
+        print(line)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Create the master key, repository key and certificate of a cvmfs-native repository."""
     from publisher.repositories.cvmfs_native import KeysError, init_keys, key_files
@@ -386,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     cvmfs_commands.add_verify_arguments(add("verify", cmd_verify, "verify a CVMFS repository"))
     cvmfs_commands.add_ls_arguments(add("ls", cmd_ls, "list a directory of a CVMFS repository"))
     cvmfs_commands.add_cat_arguments(add("cat", cmd_cat, "print a file of a CVMFS repository"))
+    p = add("initrepos", cmd_initrepos,
+            "create this host's cvmfs-server repositories and replicas (what is missing)")
+    p.add_argument("--owner", default="root", help="the user owning the repositories")
+    p.add_argument("--etc", default="/etc/cvmfs", help="cvmfs_server's configuration directory")
+    p.add_argument("--srv", default="/srv/cvmfs", help="where cvmfs_server stores repositories")
+    p.add_argument("--keys", default="/etc/cvmfs/keys", help="the peers' master public keys")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per command")
     p = add("keys", cmd_keys, "keys of a cvmfs-native repository (init: create them)")
     p.add_argument("action", choices=["init"])
     p.add_argument("repo", help="repository name")
