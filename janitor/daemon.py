@@ -26,13 +26,16 @@ from janitor.cleanup import (
 from janitor.rota import due_repositories, plan, seconds_until_next
 from janitor.state import RunRecord, StateStore
 from metrics import JanitorMetrics
+from spool import Spool
+from userpub.checks import directory_problem, port_conflicts
 from userpub.config import Config
 from userpub.daemon import Waker
 from userpub.errors import ServiceError
 
 log = logging.getLogger("userpub.janitor")
 
-__all__ = ["Janitor", "JanitorError", "parse_time", "record_result", "run_dry", "run_now", "state_store"]
+__all__ = ["Janitor", "JanitorError", "parse_time", "record_result", "run_dry", "run_now",
+           "startup_problems", "state_store"]
 
 CleanFn = Callable[..., CleanupResult]
 
@@ -68,6 +71,21 @@ class JanitorError(ServiceError):
     """The janitor cannot run as asked (no repository hosted here, a bad --as-of, ...)."""
 
 
+def startup_problems(config: Config, *, create: bool) -> list[str]:
+    """Why the janitor of this host cannot start (one line each; see :mod:`userpub.checks`):
+    no repository hosted here, its state and lock directories, the spool (it cleans
+    ``failed/`` and ``tmp/``), ports shared by two daemons. With ``create`` the missing
+    directories are made, as the janitor does when it starts."""
+    if not config.hosted:
+        return [f"this server ({config.server.name}) hosts no repository to clean"]
+    problems = [p for p in (directory_problem(state_store(config).directory, "state",
+                                              create=create),
+                            directory_problem(config.lock_dir, "state", create=create))
+                if p is not None]
+    problems += Spool(config.server.spool).layout_problems(create=create)
+    return problems + port_conflicts(config)
+
+
 class Janitor:
     """The rota daemon (see :mod:`userpub.daemon`)."""
 
@@ -90,10 +108,11 @@ class Janitor:
         self.retry_at: dict[str, float] = {}
 
     def initialize(self) -> None:
-        """Check there is work, load the records and log the rota."""
-        if not self.hosted:
-            raise JanitorError(f"this server ({self.config.server.name}) hosts no repository to clean")
-        self.store.directory.mkdir(parents=True, exist_ok=True)
+        """Check the setup (JanitorError: every problem, one line each), load the records
+        and log the rota."""
+        problems = startup_problems(self.config, create=True)
+        if problems:
+            raise JanitorError(*problems)
         records = [r for r in map(self.store.load, self.hosted) if r is not None]
         for record in records:
             self.metrics.last_success.labels(record.repository).set(record.finished)

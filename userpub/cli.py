@@ -157,7 +157,9 @@ def cmd_drop(args: argparse.Namespace) -> int:
     if not source.is_file():
         raise Fatal(f"{source}: not a file")
     spool = Spool(config.server.spool)
-    spool.ensure_layout()
+    problems = spool.layout_problems(create=True)
+    if problems:
+        raise Fatal(*problems)
     who = f"{os.environ.get('USER', 'operator')} (uid {os.getuid()}, userpub drop)"
     try:
         cid, result = spool.drop_file(source, wanted, who)
@@ -189,8 +191,32 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the configuration and print a summary."""
+    """Validate the configuration and run every startup check of this host's daemons, as
+    they run them, without changing anything; every problem is one ``fatal:`` line."""
+    from ingest.server import startup_problems as ingest_problems
+    from janitor.daemon import startup_problems as janitor_problems
+    from publisher.daemon import startup_problems as publisher_problems
+    from userpub.checks import bind_problem, in_use, listeners
+
     config = _config(args)
+    problems: list[str] = []
+    if config.ingest is not None:
+        problems += ingest_problems(config, create=False, bind=False)
+    for repo in config.hosted:
+        problems += publisher_problems(config, repo, create=False)
+    if config.hosted:
+        problems += janitor_problems(config, create=False)
+    notes = []
+    for what, address in listeners(config):
+        problem = bind_problem(address, what)
+        if in_use(problem):  # by this very service, maybe: not a problem of the configuration
+            notes.append(f"note: {address} ({what}) is in use right now")
+        elif problem is not None:
+            problems.append(problem)
+    if problems:
+        raise Fatal(*dict.fromkeys(problems))  # each once (a shared port is every daemon's)
+    for note in notes:
+        print(note, file=sys.stderr)
     print(f"configuration {config.path} is valid; server {config.server.name}, "
           f"hosting {', '.join(r.name for r in config.hosted) or 'no repository'}")
     return 0
@@ -369,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cid", help="content ID (default: the tarball's sha256)")
     p = add("status", cmd_status, "where a CID stands")
     p.add_argument("cid")
-    add("check-config", cmd_check_config, "validate the configuration")
+    add("check-config", cmd_check_config,
+        "validate the configuration and run every daemon's startup checks (changes nothing)")
     add("run", cmd_run, "start all daemons of this host under one supervisor")
     p = add("metrics-targets", cmd_metrics_targets, "print this host's Prometheus scrape targets")
     p.add_argument("--json", action="store_true", help="file-based service discovery JSON")
@@ -407,7 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(f"fatal: {problem}", file=sys.stderr)
         return 1
-    except (Fatal, ServiceError, InvalidCid) as err:
+    except ServiceError as err:  # Fatal too
+        for problem in err.problems:
+            print(f"fatal: {problem}", file=sys.stderr)
+        return 1
+    except InvalidCid as err:
         print(f"fatal: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

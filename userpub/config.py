@@ -60,6 +60,7 @@ class RepositoryConfig:
     keys: Path | None = None  # cvmfs-native: key directory (default <state>/keys)
     whitelist_days: int = 30  # cvmfs-native: lifetime of a signed whitelist
     gc_keep_hours: float = 24.0  # cvmfs-native: gc keeps revisions younger than this
+    create: bool = False  # the publisher may make a missing root (examples and tests only)
 
     def is_hosted_on(self, server_name: str) -> bool:
         """True when the server named ``server_name`` publishes into this repository."""
@@ -331,6 +332,10 @@ def _parse_repository(sec: _Section) -> RepositoryConfig:
     keys = sec.path("keys", None)
     whitelist_days = sec.integer("whitelist_days", 30, minimum=1, maximum=3650)
     gc_keep_hours = sec.number("gc_keep_hours", 24.0)
+    create = sec.boolean("create", False)
+    if create and backend == "cvmfs-server":
+        sec.problems.append(f"{sec.where}.create: not for the cvmfs-server backend "
+                            "(cvmfs_server mkfs makes the repository)")
     if not mount.startswith("/"):
         sec.problems.append(f"{sec.where}.mount: {mount!r} must be an absolute path")
     if backend in ("local", "cvmfs-native") and root is None:
@@ -339,7 +344,8 @@ def _parse_repository(sec: _Section) -> RepositoryConfig:
     return RepositoryConfig(name=name, host=host, backend=backend, root=root, mount=mount,
                             replica=replica, command_timeout=timeout,
                             cvmfs_ingest=cvmfs_ingest, keys=keys,
-                            whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours)
+                            whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours,
+                            create=create)
 
 
 def _parse_publisher(sec: _Section) -> PublisherConfig:
