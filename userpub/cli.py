@@ -32,9 +32,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_publisher(args: argparse.Namespace) -> int:
     """Run the publisher of one repository hosted here."""
-    from prometheus_client import CollectorRegistry
-
-    from metrics import PublisherMetrics, SpoolCollector, serve_metrics, write_textfile
+    from metrics import (
+        PublisherMetrics,
+        SpoolCollector,
+        daemon_registry,
+        serve_metrics,
+        write_textfile,
+    )
     from publisher.daemon import Publisher
     from publisher.repositories import open_repository
     from publisher.repositories.catalog import Catalog
@@ -55,7 +59,7 @@ def cmd_publisher(args: argparse.Namespace) -> int:
         if not repo.is_hosted_on(config.server.name):
             raise Fatal(f"repository {repo.name} is published by {repo.host}, "
                         f"not by this server ({config.server.name})")
-    registry = CollectorRegistry()
+    registry = daemon_registry()
     metrics = PublisherMetrics(registry)
     spool = Spool(config.server.spool)
     registry.register(SpoolCollector(spool.depth, config.server.name))
@@ -92,10 +96,8 @@ def _publisher_metrics_address(config: Config, repo: str) -> str | None:
 
 def cmd_janitor(args: argparse.Namespace) -> int:
     """Run the cleanup rota, or one cleanup now (``--now``), or show what would go."""
-    from prometheus_client import CollectorRegistry
-
     from janitor.daemon import Janitor, parse_time, run_dry, run_now
-    from metrics import JanitorMetrics, serve_metrics, write_textfile
+    from metrics import JanitorMetrics, daemon_registry, serve_metrics, write_textfile
     from userpub.config import split_address
 
     config = _config(args)
@@ -104,7 +106,7 @@ def cmd_janitor(args: argparse.Namespace) -> int:
         return run_dry(config, args.repo, as_of, sys.stdout)
     if not args.now and (args.repo or as_of is not None):
         raise Fatal("--repo and --as-of need --now or --dry-run")
-    registry = CollectorRegistry()
+    registry = daemon_registry()
     metrics = JanitorMetrics(registry)
     waker = Waker()
     install_signal_handlers(waker)
@@ -129,16 +131,14 @@ def cmd_janitor(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Serve the HTTPS publication API (and the plain-HTTP ping/config/metrics listener)."""
-    from prometheus_client import CollectorRegistry
-
     from ingest.server import run_ingest
-    from metrics import SpoolCollector
+    from metrics import SpoolCollector, daemon_registry
     from spool import Spool
 
     config = _config(args)
     if config.ingest is None:
         raise Fatal(f"{config.path} has no [ingest] section: this server takes no uploads")
-    registry = CollectorRegistry()
+    registry = daemon_registry()
     registry.register(SpoolCollector(Spool(config.server.spool).depth, config.server.name))
     waker = Waker()
     install_signal_handlers(waker)
@@ -170,9 +170,11 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING."""
+    """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING;
+    exit with the client's codes (3 MISSING, 6 FAILED)."""
     from publisher.repositories.catalog import Catalog
     from spool import Spool, State
+    from userpub_client.cli import Exit
 
     config = _config(args)
     cid = normalize_cid(args.cid)
@@ -185,9 +187,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"PRESENT:{location.path}")
     elif status.state is State.FAILED:
         print(f"FAILED:{status.reason}")
+        return Exit.FAILED
     else:
         print("MISSING")
-    return 0
+        return Exit.MISSING
+    return Exit.OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -39,8 +39,8 @@ class ServerConfig:
     """``[server]``: this host and its working directories."""
 
     name: str
-    spool: Path = Path("var/spool")
-    state: Path = Path("var/state")
+    spool: Path = Path("/var/spool/userpub")  # as the systemd units of systemd/ expect
+    state: Path = Path("/var/lib/userpub")
     prefix: str = "sw"
     stamps: str = "ts"
 
