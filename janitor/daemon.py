@@ -18,6 +18,7 @@ from typing import TextIO
 from janitor.cleanup import (
     CleanupError,
     CleanupResult,
+    UnreadableError,
     clean,
     format_preview,
     iso_time,
@@ -94,7 +95,8 @@ class Janitor:
     def __init__(self, config: Config, metrics: JanitorMetrics, waker: Waker, *,
                  tz: tzinfo | None = None, clock: Callable[[], float] = time.time,
                  clean_fn: CleanFn = clean, retry_seconds: float = 600.0,
-                 max_sleep: float = 300.0) -> None:
+                 max_sleep: float = 300.0, startup_grace: float = 300.0,
+                 wait_seconds: float = 2.0) -> None:
         self.config = config
         self.metrics = metrics
         self.waker = waker
@@ -106,6 +108,13 @@ class Janitor:
         self.store = state_store(config)
         self.hosted = [r.name for r in config.hosted]
         self.retry_at: dict[str, float] = {}
+        # A repository of this host is created by its publisher when that starts, maybe after
+        # us: for startup_grace seconds, such a repository being unreadable only postpones
+        # the cleanup (by wait_seconds), quietly; afterwards it is a failure like any other.
+        self.startup_grace = startup_grace
+        self.wait_seconds = wait_seconds
+        self.started = time.monotonic()
+        self.waited: set[str] = set()
 
     def initialize(self) -> None:
         """Check the setup (JanitorError: every problem, one line each), load the records
@@ -113,6 +122,7 @@ class Janitor:
         problems = startup_problems(self.config, create=True)
         if problems:
             raise JanitorError(*problems)
+        self.started = time.monotonic()
         records = [r for r in map(self.store.load, self.hosted) if r is not None]
         for record in records:
             self.metrics.last_success.labels(record.repository).set(record.finished)
@@ -148,18 +158,33 @@ class Janitor:
         try:
             result = self.clean_fn(self.config, name, clock=self.clock,
                                    should_stop=lambda: self.waker.stopped)
+        except UnreadableError as err:
+            if err.repository in self.hosted and \
+                    time.monotonic() - self.started < self.startup_grace:
+                if err.repository not in self.waited:
+                    self.waited.add(err.repository)
+                    log.info("%s: cleanup waits until the publisher of %s has created it "
+                             "(%s)", name, err.repository, err)
+                self.retry_at[name] = now + self.wait_seconds
+                return
+            self._failed(name, now, err)
+            return
         except Exception as err:
-            self.retry_at[name] = now + self.retry_seconds
-            self.metrics.runs.labels(name, "failed").inc()
-            if isinstance(err, CleanupError):
-                log.error("%s: cleanup failed: %s; retrying in %.0f s", name, err,
-                          self.retry_seconds)
-            else:
-                log.exception("%s: cleanup failed; retrying in %.0f s", name,
-                              self.retry_seconds)
+            self._failed(name, now, err)
             return
         self.retry_at.pop(name, None)
         record_result(self.metrics, self.store, result, now, self.clock())
+
+    def _failed(self, name: str, now: float, err: Exception) -> None:
+        """Count a failed cleanup, log it, and retry it after ``retry_seconds``."""
+        self.retry_at[name] = now + self.retry_seconds
+        self.metrics.runs.labels(name, "failed").inc()
+        if isinstance(err, CleanupError):
+            log.error("%s: cleanup failed: %s; retrying in %.0f s", name, err,
+                      self.retry_seconds)
+        else:
+            log.error("%s: cleanup failed; retrying in %.0f s", name, self.retry_seconds,
+                      exc_info=err)
 
 
 def parse_time(text: str) -> float:

@@ -43,6 +43,17 @@ class PublisherError(ServiceError):
     """The publisher cannot start: its repository cannot be opened or recovered."""
 
 
+# watchdog's inotify emitter logs this ERROR when an event arrives while the observer stops
+# (its thread sees its watch already closed): harmless, the event is only a hint and the next
+# start lists incoming/ anyway. Dropped while we stop, so that a healthy stop logs no ERROR.
+_STOP_RACE = "called when the thread is inactive"
+
+
+class _StopRaceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _STOP_RACE not in str(record.msg)
+
+
 def startup_problems(config: Config, repo: RepositoryConfig, *, create: bool) -> list[str]:
     """Why the publisher of ``repo`` cannot start (one line each; see :mod:`userpub.checks`):
     the spool and its ``active/<repo>/``, the lock directory, the repository's root (made
@@ -156,8 +167,14 @@ class Publisher:
     def shutdown(self) -> None:
         """Stop watching and let the repository go."""
         if self.observer is not None:
-            self.observer.stop()
-            self.observer.join(5)
+            race = _StopRaceFilter()
+            inotify_log = logging.getLogger("watchdog.observers.inotify")
+            inotify_log.addFilter(race)
+            try:
+                self.observer.stop()
+                self.observer.join(5)
+            finally:
+                inotify_log.removeFilter(race)
         if self.life_lock.is_locked:
             self.life_lock.release()
         self.metrics.lock_held.labels(self.repo.name).set(0)
