@@ -18,6 +18,7 @@ import requests
 
 from publisher.repositories import open_reader
 from tests.helpers import Daemon, make_tarball, run_userpub, wait_for, write_config
+from tests.requirements import tool
 from tests.unit.test_cvmfs_native_invariants import (
     all_objects_hash_to_their_names,
     check_repository,
@@ -42,7 +43,7 @@ def free_port() -> int:
 def running_squid() -> Iterator[tuple[str, Path]]:
     """A throwaway squid on 127.0.0.1 (memory cache only); yields (proxy URL, access log)."""
     if not os.path.exists(SQUID):
-        pytest.skip("squid is not installed (Debian package 'squid')")
+        tool("squid")
     work = Path(tempfile.mkdtemp(prefix="userpub-squid-"))
     work.chmod(0o777)  # squid drops privileges to its own user
     port = free_port()
