@@ -62,14 +62,15 @@ def directory_problem(path: Path, what: str, *, create: bool) -> str | None:
 
 
 def repository_root_problem(repo: RepositoryConfig, *, create: bool) -> str | None:
-    """Why the ``root`` of a repository published here is unusable, or None.
+    """Why the ``root`` of a repository published here (``local``, ``cvmfs-native``: the tree
+    written) is unusable, or None.
 
     A missing root is never made unless the repository says ``create = true`` (then only with
     ``create``): a mistyped root, or the mount point of a repository disk that is not mounted,
     must stop the publisher instead of filling another disk.
     """
     root = repo.root
-    if root is None:
+    if root is None or repo.backend == "cvmfs-server":  # there: cvmfs_server's read-only view
         return None
     if not root.exists() and not root.is_symlink():
         if not repo.create:
