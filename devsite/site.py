@@ -76,6 +76,7 @@ name = "{name}"
 host = "{server}"
 backend = "local"
 root = "repos/{name}"
+create = true    # the publisher makes the root when missing: for this example only
 # Worker nodes would read /cvmfs/{name}; in this example the tree is read where it is written.
 mount = "{root / 'repos' / name}"
 """ for name in EXAMPLE_REPOSITORIES)

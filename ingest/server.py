@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ingest.app import make_app, make_plain_app, with_apache_paths
-from ingest.auth import CHAIN_PREFIX, Authenticator
+from ingest.auth import CHAIN_PREFIX, Authenticator, GridMap
 from ingest.connection import connection_class
 from ingest.frontslot import EVENTS, DoorLimits
 from ingest.frontstage import FrontStage
@@ -42,13 +42,14 @@ from ingest.stratum0 import with_stratum0
 from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
 from spool import Spool
+from userpub.checks import bind_problem, port_conflicts
 from userpub.config import Config, IngestConfig, split_address
 from userpub.daemon import Waker
 from userpub.errors import ServiceError
 
 __all__ = ["Bound", "GatedServer", "GridSSLAdapter", "IngestError", "IngestServer",
-           "build_context", "raise_file_limit", "run_ingest", "verified_chain",
-           "write_ready_file"]
+           "build_context", "raise_file_limit", "run_ingest", "startup_problems",
+           "verified_chain", "write_ready_file"]
 
 log = logging.getLogger("userpub.ingest")
 
@@ -189,14 +190,31 @@ class FrontDoorCollector(Collector):
         return [connections, events]
 
 
+def files_needed(cfg: IngestConfig) -> int:
+    """Open files the ingest may need: every listener's connections, the worker threads'
+    files, and spares."""
+    listeners = 2 if cfg.http_listen else 1
+    threads = cfg.threads + (PLAIN_THREADS if cfg.http_listen else 0)
+    return listeners * cfg.max_connections + 4 * threads + SPARE_FILES
+
+
+def file_limit_problem(needed: int) -> str | None:
+    """Why RLIMIT_NOFILE cannot be raised to ``needed`` (its hard limit is lower), or None."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        return (f"max_connections needs {needed} open files but the hard limit "
+                f"(RLIMIT_NOFILE, systemd LimitNOFILE=) is {hard}: lower max_connections "
+                "or raise the limit")
+    return None
+
+
 def raise_file_limit(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE to at least ``needed``; IngestError if the hard limit is
     lower."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise IngestError(f"max_connections needs {needed} open files but the hard limit "
-                    f"(RLIMIT_NOFILE, systemd LimitNOFILE=) is {hard}: lower max_connections "
-                    "or raise the limit")
+    problem = file_limit_problem(needed)
+    if problem is not None:
+        raise IngestError(problem)
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
         return needed
@@ -223,18 +241,40 @@ def _join(address: tuple[str, int]) -> str:
 
 def _check_bindable(address: tuple[str, int], label: str) -> None:
     """A one-line IngestError if ``address`` cannot be bound (cheroot's own message is long)."""
+    problem = bind_problem(_join(address), label)
+    if problem is not None:
+        raise IngestError(problem)
+
+
+def startup_problems(config: Config, *, create: bool, bind: bool = True,
+                     gridmap: GridMap | None = None) -> list[str]:
+    """Why the ingest cannot start (one line each; see :mod:`userpub.checks`): the spool, the
+    grid-mapfile, the host certificate and key, the CA directory (and CRLs), the open-file
+    limit, ports shared by two daemons and, with ``bind``, ports taken right now. With
+    ``create`` the missing spool directories are made, as the ingest does when it starts."""
+    cfg = config.ingest
+    if cfg is None:
+        return [f"{config.path}: no [ingest] section"]
+    problems = Spool(config.server.spool).layout_problems(create=create)
     try:
-        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as err:
-        raise IngestError(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(sockaddr)
-        except OSError as err:
-            raise IngestError(f"cannot listen on {label} {_join(address)}: {err.strerror}") from None
+        (gridmap or GridMap(cfg.grid_mapfile)).load()
+    except FileNotFoundError:
+        pass  # allowed: nobody is authorized by certificate until it exists (a warning)
+    except OSError as err:
+        problems.append(f"grid-mapfile {cfg.grid_mapfile}: {err.strerror}")
+    try:
+        build_context(cfg)
+    except IngestError as err:
+        problems.extend(err.problems)
+    if (problem := file_limit_problem(files_needed(cfg))) is not None:
+        problems.append(problem)
+    problems += port_conflicts(config)
+    if bind:
+        addresses = [("https", cfg.listen)] + ([("http", cfg.http_listen)]
+                                               if cfg.http_listen else [])
+        found = (bind_problem(address, label) for label, address in addresses)
+        problems += [p for p in found if p is not None]
+    return problems
 
 
 class IngestServer:
@@ -282,12 +322,13 @@ class IngestServer:
             self.metrics.auth_failures.labels("bad_certificate").inc()
 
     def start(self) -> Bound:
-        """Check everything, bind, and serve in background threads; IngestError on any problem."""
+        """Check everything, bind, and serve in background threads; IngestError (every problem,
+        one line each) if it cannot."""
+        problems = startup_problems(self.config, create=True, bind=False,
+                                    gridmap=self.authenticator.gridmap)
+        if problems:
+            raise IngestError(*problems)
         spool = Spool(self.config.server.spool)
-        try:
-            spool.ensure_layout()
-        except OSError as err:
-            raise IngestError(f"spool {spool.root}: {err.strerror}") from None
         try:
             entries = self.authenticator.gridmap.load()
             log.info("grid-mapfile %s: %d entries", self.cfg.grid_mapfile, entries)
@@ -313,9 +354,7 @@ class IngestServer:
             plain = self._server(split_address(self.cfg.http_listen), plain_app,
                                  PLAIN_THREADS, PLAIN_MAX_BODY)
             self.servers.append(("http", plain))
-        threads = self.cfg.threads + (PLAIN_THREADS if self.cfg.http_listen else 0)
-        files = raise_file_limit(len(self.servers) * self.cfg.max_connections + 4 * threads
-                                 + SPARE_FILES)
+        files = raise_file_limit(files_needed(self.cfg))
         try:
             for label, srv in self.servers:
                 _check_bindable(srv.bind_addr, label)

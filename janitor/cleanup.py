@@ -81,6 +81,15 @@ class CleanupError(Exception):
     """A cleanup cannot run safely (a repository is not hosted here, or unreadable)."""
 
 
+class UnreadableError(CleanupError):
+    """A repository cannot be read (not mounted, never published into): ``repository``."""
+
+    def __init__(self, repository: str, reason: str) -> None:
+        super().__init__(f"repository {repository} is unreadable: {reason}; refusing to "
+                         "judge ages without it")
+        self.repository = repository
+
+
 @dataclass(frozen=True)
 class Expired:
     """A CID judged expired, with its newest access across all repositories."""
@@ -173,8 +182,7 @@ def check_readable(catalog: Catalog) -> None:
     for reader in catalog.readers:
         reason = reader.unreadable()
         if reason is not None:
-            raise CleanupError(f"repository {reader.name} is unreadable: {reason}; refusing "
-                               "to judge ages without it")
+            raise UnreadableError(reader.name, reason)
 
 
 class StaleReplicaError(CleanupError):
@@ -277,8 +285,8 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                   elsewhere: Callable[[list[str]], dict[str, float]] = lambda cids: {}
                   ) -> CleanupResult:
     name = repository.name
+    check_readable(catalog)  # before recover(), which writes: never into what is not mounted
     repository.recover()
-    check_readable(catalog)
     scan_started = clock()
     j = judge(repository, catalog, as_of=scan_started if as_of is None else as_of,
               max_days=max_days, not_after=scan_started, pending=pending)

@@ -19,6 +19,7 @@ from janitor.cleanup import (
     CleanupError,
     CleanupResult,
     StaleReplicaError,
+    UnreadableError,
     clean,
     format_preview,
     iso_time,
@@ -27,13 +28,16 @@ from janitor.cleanup import (
 from janitor.rota import due_repositories, plan, seconds_until_next
 from janitor.state import RunRecord, StateStore
 from metrics import JanitorMetrics
+from spool import Spool
+from userpub.checks import directory_problem, port_conflicts
 from userpub.config import Config
 from userpub.daemon import Waker
 from userpub.errors import ServiceError
 
 log = logging.getLogger("userpub.janitor")
 
-__all__ = ["Janitor", "JanitorError", "parse_time", "record_result", "run_dry", "run_now", "state_store"]
+__all__ = ["Janitor", "JanitorError", "parse_time", "record_result", "run_dry", "run_now",
+           "startup_problems", "state_store"]
 
 CleanFn = Callable[..., CleanupResult]
 
@@ -69,6 +73,21 @@ class JanitorError(ServiceError):
     """The janitor cannot run as asked (no repository hosted here, a bad --as-of, ...)."""
 
 
+def startup_problems(config: Config, *, create: bool) -> list[str]:
+    """Why the janitor of this host cannot start (one line each; see :mod:`userpub.checks`):
+    no repository hosted here, its state and lock directories, the spool (it cleans
+    ``failed/`` and ``tmp/``), ports shared by two daemons. With ``create`` the missing
+    directories are made, as the janitor does when it starts."""
+    if not config.hosted:
+        return [f"this server ({config.server.name}) hosts no repository to clean"]
+    problems = [p for p in (directory_problem(state_store(config).directory, "state",
+                                              create=create),
+                            directory_problem(config.lock_dir, "state", create=create))
+                if p is not None]
+    problems += Spool(config.server.spool).layout_problems(create=create)
+    return problems + port_conflicts(config)
+
+
 class Janitor:
     """The rota daemon (see :mod:`userpub.daemon`)."""
 
@@ -77,7 +96,8 @@ class Janitor:
     def __init__(self, config: Config, metrics: JanitorMetrics, waker: Waker, *,
                  tz: tzinfo | None = None, clock: Callable[[], float] = time.time,
                  clean_fn: CleanFn = clean, retry_seconds: float = 600.0,
-                 max_sleep: float = 300.0) -> None:
+                 max_sleep: float = 300.0, startup_grace: float = 300.0,
+                 wait_seconds: float = 2.0) -> None:
         self.config = config
         self.metrics = metrics
         self.waker = waker
@@ -89,12 +109,21 @@ class Janitor:
         self.store = state_store(config)
         self.hosted = [r.name for r in config.hosted]
         self.retry_at: dict[str, float] = {}
+        # A repository of this host is created by its publisher when that starts, maybe after
+        # us: for startup_grace seconds, such a repository being unreadable only postpones
+        # the cleanup (by wait_seconds), quietly; afterwards it is a failure like any other.
+        self.startup_grace = startup_grace
+        self.wait_seconds = wait_seconds
+        self.started = time.monotonic()
+        self.waited: set[str] = set()
 
     def initialize(self) -> None:
-        """Check there is work, load the records and log the rota."""
-        if not self.hosted:
-            raise JanitorError(f"this server ({self.config.server.name}) hosts no repository to clean")
-        self.store.directory.mkdir(parents=True, exist_ok=True)
+        """Check the setup (JanitorError: every problem, one line each), load the records
+        and log the rota."""
+        problems = startup_problems(self.config, create=True)
+        if problems:
+            raise JanitorError(*problems)
+        self.started = time.monotonic()
         records = [r for r in map(self.store.load, self.hosted) if r is not None]
         for record in records:
             self.metrics.last_success.labels(record.repository).set(record.finished)
@@ -137,18 +166,33 @@ class Janitor:
             log.warning("%s: cleanup skipped: %s; trying again in %.0f s", name, err,
                         self.retry_seconds)
             return
+        except UnreadableError as err:
+            if err.repository in self.hosted and \
+                    time.monotonic() - self.started < self.startup_grace:
+                if err.repository not in self.waited:
+                    self.waited.add(err.repository)
+                    log.info("%s: cleanup waits until the publisher of %s has created it "
+                             "(%s)", name, err.repository, err)
+                self.retry_at[name] = now + self.wait_seconds
+                return
+            self._failed(name, now, err)
+            return
         except Exception as err:
-            self.retry_at[name] = now + self.retry_seconds
-            self.metrics.runs.labels(name, "failed").inc()
-            if isinstance(err, CleanupError):
-                log.error("%s: cleanup failed: %s; retrying in %.0f s", name, err,
-                          self.retry_seconds)
-            else:
-                log.exception("%s: cleanup failed; retrying in %.0f s", name,
-                              self.retry_seconds)
+            self._failed(name, now, err)
             return
         self.retry_at.pop(name, None)
         record_result(self.metrics, self.store, result, now, self.clock())
+
+    def _failed(self, name: str, now: float, err: Exception) -> None:
+        """Count a failed cleanup, log it, and retry it after ``retry_seconds``."""
+        self.retry_at[name] = now + self.retry_seconds
+        self.metrics.runs.labels(name, "failed").inc()
+        if isinstance(err, CleanupError):
+            log.error("%s: cleanup failed: %s; retrying in %.0f s", name, err,
+                      self.retry_seconds)
+        else:
+            log.error("%s: cleanup failed; retrying in %.0f s", name, self.retry_seconds,
+                      exc_info=err)
 
 
 def parse_time(text: str) -> float:

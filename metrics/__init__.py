@@ -6,10 +6,11 @@ from metrics.definitions import (
     JanitorMetrics,
     PublisherMetrics,
     SpoolCollector,
+    daemon_registry,
     register_build_info,
 )
 from metrics.exporter import MetricsServer, serve_metrics, write_textfile
 
 __all__ = ["LATENCY_BUCKETS", "IngestMetrics", "JanitorMetrics", "MetricsServer",
-           "PublisherMetrics", "SpoolCollector", "register_build_info", "serve_metrics",
-           "write_textfile"]
+           "PublisherMetrics", "SpoolCollector", "daemon_registry", "register_build_info",
+           "serve_metrics", "write_textfile"]

@@ -11,7 +11,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -22,6 +30,17 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180, 240, 300, 
                    900, 1800, 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+def daemon_registry() -> CollectorRegistry:
+    """The registry of one daemon process: prometheus_client's standard collectors
+    (``process_*`` from /proc, ``python_info``, ``python_gc_*``) on an explicit registry, to
+    which the daemon's own metrics are added."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
 
 def register_build_info(registry: CollectorRegistry, component: str) -> None:

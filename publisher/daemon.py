@@ -21,11 +21,12 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from metrics import PublisherMetrics
-from publisher.repositories import Repository, RepositoryError
+from publisher.repositories import Repository, RepositoryError, backend_problems
 from publisher.repositories.catalog import Catalog
 from publisher.tarball import UnpackError, UnpackLimits, UnpackStats
 from spool import BadEntry, CidMismatch, Entry, Kind, Spool, check_payload_digest
 from spool.names import is_ignored_name
+from userpub.checks import directory_problem, port_conflicts, repository_root_problem
 from userpub.config import Config, RepositoryConfig
 from userpub.daemon import Waker
 from userpub.errors import ServiceError
@@ -40,6 +41,30 @@ FAILURE_REASONS = ("invalid_tarball", "bad_entry", "backend")
 
 class PublisherError(ServiceError):
     """The publisher cannot start: its repository cannot be opened or recovered."""
+
+
+# watchdog's inotify emitter logs this ERROR when an event arrives while the observer stops
+# (its thread sees its watch already closed): harmless, the event is only a hint and the next
+# start lists incoming/ anyway. Dropped while we stop, so that a healthy stop logs no ERROR.
+_STOP_RACE = "called when the thread is inactive"
+
+
+class _StopRaceFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _STOP_RACE not in str(record.msg)
+
+
+def startup_problems(config: Config, repo: RepositoryConfig, *, create: bool) -> list[str]:
+    """Why the publisher of ``repo`` cannot start (one line each; see :mod:`userpub.checks`):
+    the spool and its ``active/<repo>/``, the lock directory, the repository's root (made
+    only with ``create = true``), what the backend needs, ports shared by two daemons. With
+    ``create`` the missing directories are made, as the publisher does when it starts."""
+    problems = Spool(config.server.spool).layout_problems((repo.name,), create=create)
+    for problem in (directory_problem(config.lock_dir, "state", create=create),
+                    repository_root_problem(repo, create=create)):
+        if problem is not None:
+            problems.append(problem)
+    return problems + backend_problems(config, repo) + port_conflicts(config)
 
 
 class _Wakeup(FileSystemEventHandler):
@@ -106,9 +131,11 @@ class Publisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     def initialize(self) -> None:
-        """Take the repository, recover what a crash left, and start watching incoming/."""
-        self.config.lock_dir.mkdir(parents=True, exist_ok=True)
-        self.spool.ensure_layout((self.repo.name,))
+        """Check the setup, take the repository, recover what a crash left, and start watching
+        incoming/; PublisherError (every problem, one line each) if it cannot."""
+        problems = startup_problems(self.config, self.repo, create=True)
+        if problems:
+            raise PublisherError(*problems)
         waited = False
         while not self.waker.stopped:
             try:
@@ -125,7 +152,7 @@ class Publisher:
         with self.txn_lock:
             try:
                 self.repository.recover()
-            except RepositoryError as err:
+            except (RepositoryError, OSError) as err:
                 raise PublisherError(f"{self.repo.name}: cannot recover the repository: {err}") from None
             returned = self.spool.recover(self.repo.name)
         if returned:
@@ -140,8 +167,14 @@ class Publisher:
     def shutdown(self) -> None:
         """Stop watching and let the repository go."""
         if self.observer is not None:
-            self.observer.stop()
-            self.observer.join(5)
+            race = _StopRaceFilter()
+            inotify_log = logging.getLogger("watchdog.observers.inotify")
+            inotify_log.addFilter(race)
+            try:
+                self.observer.stop()
+                self.observer.join(5)
+            finally:
+                inotify_log.removeFilter(race)
         if self.life_lock.is_locked:
             self.life_lock.release()
         self.metrics.lock_held.labels(self.repo.name).set(0)

@@ -6,8 +6,13 @@ cd "$(dirname "$0")/.."
 log=$(mktemp /tmp/quickstart.XXXXXX.log)
 rm -rf var
 setsid make run >"$log" 2>&1 &
-make_pid=$!
-cleanup() { pkill -KILL -f "userpub --config var/userpub.toml" 2>/dev/null || true; }
+make_pid=$!   # its own session and process group; `userpub run` is its child (exec'd by make)
+run_pid() { pgrep -P "$make_pid" | head -n1; }
+cleanup() {   # only what this script started, by process id
+    local run; run=$(run_pid || true)
+    if [ -n "$run" ]; then pkill -KILL -P "$run" 2>/dev/null || true; fi   # the daemons
+    kill -KILL -- "-$make_pid" 2>/dev/null || true                          # make, userpub run
+}
 trap cleanup EXIT
 
 for _ in $(seq 1 240); do grep -q "listening on https://" "$log" && break; sleep 0.5; done
@@ -34,10 +39,12 @@ visible=$(eval "${wait_line} --interval 0.5")
 echo "quickstart: visible at $visible"
 test -f "$visible/README"
 
-pkill -TERM -f "userpub --config var/userpub.toml run"
+kill -TERM "$(run_pid)"
 status=0
 wait "$make_pid" || status=$?
 grep -q "stopping ingest" "$log"
+tail -n1 "$log" | grep -q "userpub.supervisor.* INFO stopped$" || { echo "quickstart: no final 'stopped' line"; tail -n5 "$log"; exit 1; }
+if grep -E "\] (ERROR|CRITICAL) |^Traceback" "$log"; then echo "quickstart: the healthy service logged errors"; exit 1; fi
 echo "quickstart: make run exited with $status"
 test "$status" -eq 0
 echo "quickstart: OK"

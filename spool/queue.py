@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from spool.names import decode_name, encode_name, is_ignored_name, split_tar_suffix
+from userpub.checks import directory_problem
 from userpub.fsutil import fsync_dir, remove_tree, rename_noreplace, unique_id
 from userpub_client.cid import InvalidCid, cid_digest, validate_cid
 
@@ -180,6 +181,18 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
         for repo in repositories:
             (self.active / repo).mkdir(exist_ok=True)
+
+    def layout_problems(self, repositories: tuple[str, ...] = (), *, create: bool) -> list[str]:
+        """Why the spool cannot be used (one line each); with ``create``, the missing
+        directories are made (the startup check of every daemon that writes the spool)."""
+        problem = directory_problem(self.root, "spool", create=create)
+        if problem is not None or not self.root.is_dir():
+            return [problem] if problem else []
+        dirs = [self.tmp, self.incoming, self.active, self.failed]
+        if self.active.is_dir() or create:
+            dirs += [self.active / repo for repo in repositories]
+        found = (directory_problem(d, "spool", create=create) for d in dirs)
+        return [p for p in found if p is not None]
 
     # -- writing ---------------------------------------------------------------------------
 

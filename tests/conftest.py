@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import write_config
+from tests.requirements import pytest_configure  # noqa: F401 (CI's rule: USERPUB_REQUIRE_ALL)
 from userpub.config import Config, load_config
 
 

@@ -27,7 +27,8 @@ def write_config(directory: Path, repos: int = 2, *, server: str = "pub1",
 
     ``backend="cvmfs-server"``: the repositories of the cvmfs_server test double rooted at
     ``directory / "double"`` (see :func:`cvmfs_double_root`): ``mount`` is its union
-    mount, ``root`` its read-only view of the published revision.
+    mount, ``root`` its read-only view of the published revision. Otherwise each root
+    (``repos/repo<i>``) is made here, as an operator makes it: the publisher never does.
     """
     directory.mkdir(parents=True, exist_ok=True)
     blocks = []
@@ -40,6 +41,7 @@ def write_config(directory: Path, repos: int = 2, *, server: str = "pub1",
                      f'mount = "{double}/cvmfs/{name}"')
         else:
             where = f'root = "repos/repo{i + 1}"\nmount = "/cvmfs/{name}"'
+            (directory / "repos" / f"repo{i + 1}").mkdir(parents=True, exist_ok=True)
         blocks.append(f"""
 [[repository]]
 name = "{name}"

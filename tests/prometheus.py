@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -12,9 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.helpers import wait_for
+from tests.requirements import tool
 
 
 def free_ports(count: int) -> int:
@@ -39,11 +37,8 @@ def free_ports(count: int) -> int:
 
 
 def require_tool(name: str) -> str:
-    """Path of a Debian tool the test needs (installed by `make test`), or skip clearly."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} not installed (make test installs Debian's prometheus package)")
-    return path
+    """Path of a tool of Debian's prometheus package (prometheus, promtool), or skip clearly."""
+    return tool(name, "prometheus")
 
 
 class Prometheus:

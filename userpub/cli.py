@@ -33,9 +33,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_publisher(args: argparse.Namespace) -> int:
     """Run the publisher of one repository hosted here."""
-    from prometheus_client import CollectorRegistry
-
-    from metrics import PublisherMetrics, SpoolCollector, serve_metrics, write_textfile
+    from metrics import (
+        PublisherMetrics,
+        SpoolCollector,
+        daemon_registry,
+        serve_metrics,
+        write_textfile,
+    )
     from publisher.daemon import Publisher
     from publisher.repositories import open_repository
     from publisher.repositories.catalog import Catalog
@@ -56,7 +60,7 @@ def cmd_publisher(args: argparse.Namespace) -> int:
         if not repo.is_hosted_on(config.server.name):
             raise Fatal(f"repository {repo.name} is published by {repo.host}, "
                         f"not by this server ({config.server.name})")
-    registry = CollectorRegistry()
+    registry = daemon_registry()
     metrics = PublisherMetrics(registry)
     spool = Spool(config.server.spool)
     registry.register(SpoolCollector(spool.depth, config.server.name))
@@ -93,10 +97,8 @@ def _publisher_metrics_address(config: Config, repo: str) -> str | None:
 
 def cmd_janitor(args: argparse.Namespace) -> int:
     """Run the cleanup rota, or one cleanup now (``--now``), or show what would go."""
-    from prometheus_client import CollectorRegistry
-
     from janitor.daemon import Janitor, parse_time, run_dry, run_now
-    from metrics import JanitorMetrics, serve_metrics, write_textfile
+    from metrics import JanitorMetrics, daemon_registry, serve_metrics, write_textfile
     from userpub.config import split_address
 
     config = _config(args)
@@ -105,7 +107,7 @@ def cmd_janitor(args: argparse.Namespace) -> int:
         return run_dry(config, args.repo, as_of, sys.stdout)
     if not args.now and (args.repo or as_of is not None):
         raise Fatal("--repo and --as-of need --now or --dry-run")
-    registry = CollectorRegistry()
+    registry = daemon_registry()
     metrics = JanitorMetrics(registry)
     waker = Waker()
     install_signal_handlers(waker)
@@ -130,16 +132,14 @@ def cmd_janitor(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Serve the HTTPS publication API (and the plain-HTTP ping/config/metrics listener)."""
-    from prometheus_client import CollectorRegistry
-
     from ingest.server import run_ingest
-    from metrics import SpoolCollector
+    from metrics import SpoolCollector, daemon_registry
     from spool import Spool
 
     config = _config(args)
     if config.ingest is None:
         raise Fatal(f"{config.path} has no [ingest] section: this server takes no uploads")
-    registry = CollectorRegistry()
+    registry = daemon_registry()
     registry.register(SpoolCollector(Spool(config.server.spool).depth, config.server.name))
     waker = Waker()
     install_signal_handlers(waker)
@@ -158,7 +158,9 @@ def cmd_drop(args: argparse.Namespace) -> int:
     if not source.is_file():
         raise Fatal(f"{source}: not a file")
     spool = Spool(config.server.spool)
-    spool.ensure_layout()
+    problems = spool.layout_problems(create=True)
+    if problems:
+        raise Fatal(*problems)
     who = f"{os.environ.get('USER', 'operator')} (uid {os.getuid()}, userpub drop)"
     try:
         cid, result = spool.drop_file(source, wanted, who)
@@ -169,9 +171,11 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING."""
+    """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING;
+    exit with the client's codes (3 MISSING, 6 FAILED)."""
     from publisher.repositories.catalog import Catalog
     from spool import Spool, State
+    from userpub_client.cli import Exit
 
     config = _config(args)
     cid = normalize_cid(args.cid)
@@ -184,14 +188,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"PRESENT:{location.path}")
     elif status.state is State.FAILED:
         print(f"FAILED:{status.reason}")
+        return Exit.FAILED
     else:
         print("MISSING")
-    return 0
+        return Exit.MISSING
+    return Exit.OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the configuration and print a summary."""
+    """Validate the configuration and run every startup check of this host's daemons, as
+    they run them, without changing anything; every problem is one ``fatal:`` line."""
+    from ingest.server import startup_problems as ingest_problems
+    from janitor.daemon import startup_problems as janitor_problems
+    from publisher.daemon import startup_problems as publisher_problems
+    from userpub.checks import bind_problem, in_use, listeners
+
     config = _config(args)
+    problems: list[str] = []
+    if config.ingest is not None:
+        problems += ingest_problems(config, create=False, bind=False)
+    for repo in config.hosted:
+        problems += publisher_problems(config, repo, create=False)
+    if config.hosted:
+        problems += janitor_problems(config, create=False)
+    notes = []
+    for what, address in listeners(config):
+        problem = bind_problem(address, what)
+        if in_use(problem):  # by this very service, maybe: not a problem of the configuration
+            notes.append(f"note: {address} ({what}) is in use right now")
+        elif problem is not None:
+            problems.append(problem)
+    if problems:
+        raise Fatal(*dict.fromkeys(problems))  # each once (a shared port is every daemon's)
+    for note in notes:
+        print(note, file=sys.stderr)
     print(f"configuration {config.path} is valid; server {config.server.name}, "
           f"hosting {', '.join(r.name for r in config.hosted) or 'no repository'}")
     return 0
@@ -393,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cid", help="content ID (default: the tarball's sha256)")
     p = add("status", cmd_status, "where a CID stands")
     p.add_argument("cid")
-    add("check-config", cmd_check_config, "validate the configuration")
+    add("check-config", cmd_check_config,
+        "validate the configuration and run every daemon's startup checks (changes nothing)")
     add("run", cmd_run, "start all daemons of this host under one supervisor")
     p = add("metrics-targets", cmd_metrics_targets, "print this host's Prometheus scrape targets")
     p.add_argument("--json", action="store_true", help="file-based service discovery JSON")
@@ -438,7 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(f"fatal: {problem}", file=sys.stderr)
         return 1
-    except (Fatal, ServiceError, InvalidCid) as err:
+    except ServiceError as err:  # Fatal too
+        for problem in err.problems:
+            print(f"fatal: {problem}", file=sys.stderr)
+        return 1
+    except InvalidCid as err:
         print(f"fatal: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

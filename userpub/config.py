@@ -42,8 +42,8 @@ class ServerConfig:
     """``[server]``: this host and its working directories."""
 
     name: str
-    spool: Path = Path("var/spool")
-    state: Path = Path("var/state")
+    spool: Path = Path("/var/spool/userpub")  # as the systemd units of systemd/ expect
+    state: Path = Path("/var/lib/userpub")
     prefix: str = "sw"
     stamps: str = "ts"
 
@@ -63,6 +63,7 @@ class RepositoryConfig:
     keys: Path | None = None  # cvmfs-native: key directory (default <state>/keys)
     whitelist_days: int = 30  # cvmfs-native: lifetime of a signed whitelist
     gc_keep_hours: float = 24.0  # cvmfs-native: gc keeps revisions younger than this
+    create: bool = False  # the publisher may make a missing root (examples and tests only)
 
     def is_hosted_on(self, server_name: str) -> bool:
         """True when the server named ``server_name`` publishes into this repository."""
@@ -219,6 +220,10 @@ def _parse_repository(sec: Section) -> RepositoryConfig:
     keys = sec.path("keys", None)
     whitelist_days = sec.integer("whitelist_days", 30, minimum=1, maximum=3650)
     gc_keep_hours = sec.number("gc_keep_hours", 24.0)
+    create = sec.boolean("create", False)
+    if create and backend == "cvmfs-server":
+        sec.problems.append(f"{sec.where}.create: not for the cvmfs-server backend "
+                            "(cvmfs_server mkfs makes the repository)")
     if not mount.startswith("/"):
         sec.problems.append(f"{sec.where}.mount: {mount!r} must be an absolute path")
     if backend == "local" and root is None:
@@ -227,7 +232,8 @@ def _parse_repository(sec: Section) -> RepositoryConfig:
     return RepositoryConfig(name=name, host=host, backend=backend, root=root, mount=mount,
                             replica=replica, command_timeout=timeout,
                             cvmfs_ingest=cvmfs_ingest, keys=keys,
-                            whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours)
+                            whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours,
+                            create=create)
 
 
 def _parse_publisher(sec: Section) -> PublisherConfig:

@@ -7,7 +7,9 @@
 * :class:`Fatal` is raised by the front door alone (``userpub.cli``): a command-line problem,
   or a library's error turned into a message for the operator.
 
-The CLI prints either as ``fatal: <message>`` and exits 1, without a traceback.
+The CLI prints either as ``fatal: <message>`` and exits 1, without a traceback. A startup
+check that finds several problems raises one error carrying them all (``problems``): the CLI
+prints one ``fatal:`` line for each.
 """
 
 from __future__ import annotations
@@ -16,8 +18,19 @@ __all__ = ["Fatal", "ServiceError"]
 
 
 class ServiceError(Exception):
-    """A library's refusal, with a one-line reason for the operator (``str(err)``)."""
+    """A library's refusal, with a one-line reason for the operator (``str(err)``).
+
+    ``ServiceError(problem, ...)``: each argument is one problem, one line (``problems``).
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems: tuple[str, ...] = problems
+
+    def __str__(self) -> str:
+        return "; ".join(self.problems)
 
 
-class Fatal(Exception):  # noqa: N818 (reads as "fatal: <message>", as operators see it)
-    """A problem reported by the CLI as ``fatal: <message>``, exit code 1, no traceback."""
+class Fatal(ServiceError):  # noqa: N818 (reads as "fatal: <message>", as operators see it)
+    """A problem reported by the CLI as ``fatal: <message>``, exit code 1, no traceback
+    (raised by the front door only; a ServiceError, so that it carries ``problems`` too)."""

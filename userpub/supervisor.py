@@ -1,5 +1,10 @@
 """``userpub run``: start every daemon of this host, restart what dies, stop them gracefully.
 
+Each child's stderr passes through the supervisor line by line. A child that exits with
+``fatal:`` lines (a problem of the setup, such as a port in use or a missing repository root:
+restarting cannot help) makes the supervisor stop every other daemon and fail with those
+lines; any other death is restarted, with backoff. A clean stop ends with a ``stopped`` line.
+
 Production sites may prefer one systemd unit per daemon (see ``docs/operations.md``); this
 supervisor serves the quickstart and small sites.
 """
@@ -11,16 +16,25 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import IO, BinaryIO
 
 from userpub.config import Config
 from userpub.daemon import Waker
+from userpub.errors import ServiceError
 
 log = logging.getLogger("userpub.supervisor")
 
 MAX_BACKOFF = 60.0
 STABLE_AFTER = 60.0
+FATAL = b"fatal: "
+
+
+class SupervisorError(ServiceError):
+    """The daemons cannot run: nothing to run here, or a child failed with ``fatal:`` lines."""
 
 
 @dataclass(frozen=True)
@@ -57,36 +71,64 @@ class _Running:
     started: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
+    relay: threading.Thread | None = None
+    fatal: list[str] = field(default_factory=list)  # the fatal lines of the current process
 
 
 class Supervisor:
-    """Keeps a set of child processes alive until asked to stop."""
+    """Keeps a set of child processes alive until asked to stop (or one cannot start)."""
 
-    def __init__(self, children: list[ChildSpec], waker: Waker,
-                 stop_timeout: float = 1800.0) -> None:
+    def __init__(self, children: list[ChildSpec], waker: Waker, stop_timeout: float = 1800.0,
+                 output: BinaryIO | None = None) -> None:
         self.children = [_Running(spec) for spec in children]
         self.waker = waker
         self.stop_timeout = stop_timeout
+        self.output = output if output is not None else sys.stderr.buffer
+        self.output_lock = threading.Lock()
+        self.failed: _Running | None = None
 
     def run(self) -> int:
-        """Supervise until stopped; then stop the children in order and return 0."""
+        """Supervise until stopped, then stop the children in order and return 0; raise
+        SupervisorError (after stopping the others) when a child fails with fatal lines."""
         if not self.children:
-            log.error("nothing to run: this host hosts no repository and no ingest")
-            return 1
+            raise SupervisorError("nothing to run: this host hosts no repository and no ingest")
         for child in self.children:
             self._start(child)
-        while not self.waker.stopped:
+        while not self.waker.stopped and self.failed is None:
             self.waker.wait(0.5)
             now = time.monotonic()
             for child in self.children:
                 self._check(child, now)
+                if self.failed is not None:
+                    break
         self._stop_all()
+        if self.failed is not None:
+            name = self.failed.spec.name
+            raise SupervisorError(*(f"{name}: {line}" for line in self.failed.fatal))
+        log.info("stopped")
         return 0
 
     def _start(self, child: _Running) -> None:
-        child.process = subprocess.Popen(child.spec.argv, start_new_session=True)
+        child.process = subprocess.Popen(child.spec.argv, start_new_session=True,
+                                         stderr=subprocess.PIPE)
         child.started = time.monotonic()
+        child.fatal = []
+        assert child.process.stderr is not None
+        child.relay = threading.Thread(target=self._relay, args=(child.process.stderr,
+                                                                 child.fatal),
+                                       name=f"relay-{child.spec.name}", daemon=True)
+        child.relay.start()
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+
+    def _relay(self, stream: IO[bytes], fatal: list[str]) -> None:
+        """Copy a child's stderr to ours, line by line; remember its fatal lines."""
+        with stream:
+            for line in iter(stream.readline, b""):
+                if line.startswith(FATAL):
+                    fatal.append(line[len(FATAL):].decode(errors="replace").rstrip())
+                with self.output_lock, contextlib.suppress(OSError, ValueError):
+                    self.output.write(line if line.endswith(b"\n") else line + b"\n")
+                    self.output.flush()
 
     def _check(self, child: _Running, now: float) -> None:
         proc = child.process
@@ -98,6 +140,14 @@ class Supervisor:
         if code is None:
             if now - child.started > STABLE_AFTER:
                 child.failures = 0
+            return
+        if child.relay is not None:
+            child.relay.join(5)  # its last lines, the fatal ones among them
+        if code == 1 and child.fatal:
+            log.error("%s (pid %d) cannot start: %s; stopping every daemon", child.spec.name,
+                      proc.pid, "; ".join(child.fatal))
+            child.process = None
+            self.failed = child
             return
         child.failures += 1
         delay = min(MAX_BACKOFF, 2.0 ** (child.failures - 1))
@@ -122,6 +172,8 @@ class Supervisor:
                     log.error("%s did not stop in time; killing it", child.spec.name)
                     _signal(child.process, signal.SIGKILL)
                     child.process.wait()
+                if child.relay is not None:
+                    child.relay.join(5)
 
 
 def _signal(process: subprocess.Popen[bytes], sig: int) -> None:

@@ -5,9 +5,10 @@ list is shuffled once; the client stays on one server while it answers (so ``exi
 following ``publish`` go to the same server, as jobsub_lite PR #520 asks) and moves to the
 next one on a connection error, a timeout, a 5xx/507, a 408 or a 429. The first retry is
 immediate (on the other server), later ones back off exponentially with jitter, honouring a
-``Retry-After``. Other 4xx answers are final. Uploads stream from the file with a
-Content-Length and ``Expect: 100-continue``, so a server that refuses at once (403, 413,
-507) costs no upload. The client certificate is the proxy file itself (cert, key, user cert).
+``Retry-After``. Other 4xx answers are final, and so is a server whose name does not resolve
+or whose certificate fails verification: it is left out at once, never retried. Uploads stream
+from the file with a Content-Length and ``Expect: 100-continue``, so a server that refuses at
+once (403, 413, 507) costs no upload. The client certificate is the proxy file itself (cert, key, user cert).
 """
 
 from __future__ import annotations
@@ -60,6 +61,15 @@ class UnavailableError(ApiError):
         self.errors = tuple(errors)
 
 
+class UnreachableError(ApiError):
+    """Every server failed with an error that retrying cannot fix (its name does not
+    resolve, its certificate is not trusted); ``errors`` lists them."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        super().__init__("; ".join(errors) if len(errors) > 1 else errors[0])
+        self.errors = tuple(errors)
+
+
 # -- servers ----------------------------------------------------------------------------------
 
 
@@ -100,6 +110,11 @@ def parse_server(spec: str) -> Server:
         raise ClientError(f"bad server {spec!r}: expected host[:port] or an http(s):// URL")
     if parts.query or parts.fragment or parts.username:
         raise ClientError(f"bad server {spec!r}: no user, query or fragment allowed")
+    try:
+        parts.hostname.encode("idna")  # what the socket layer does first: an empty label...
+    except UnicodeError:
+        raise ClientError(f"bad server {spec!r}: {parts.hostname!r} is not a host name"
+                          ) from None
     base = parts.path.rstrip("/").removesuffix("/pubapi")
     return Server(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme], base)
 
@@ -210,10 +225,16 @@ class PubApi:
                 upload: Path | None = None, progress: Progress | None = None
                 ) -> tuple[Server, str]:
         """One API call with failover and backoff: (server, body) of a 2xx reply."""
-        errors: list[str] = []
+        errors: list[str] = []  # retriable failures: each one counts as an attempt
+        permanent: list[str] = []  # servers left out for good
         retry_after = 0.0
-        for attempt in range(max(1, self.policy.attempts)):
-            if attempt:
+        attempt = 0
+        retry_due = False
+        while attempt < max(1, self.policy.attempts):
+            if not self._order:
+                raise UnreachableError(permanent)
+            if retry_due:
+                retry_due = False
                 if len(self._order) > 1:
                     self._switch()
                 wait = self.policy.delay(attempt, self.rng, retry_after)
@@ -225,8 +246,15 @@ class PubApi:
                 status, text, retry_after = self._once(server, method, endpoint, cid, upload,
                                                        progress)
             except (OSError, http.client.HTTPException) as err:
+                if _is_permanent(err):  # the same answer every time: drop this server
+                    permanent.append(f"{server}: {_describe(err)}")
+                    self._order.remove(server)
+                    if self._order:
+                        self.log(f"{permanent[-1]}; not retrying it, trying {self.current}")
+                    continue
                 errors.append(f"{server}: {_describe(err)}")
                 retry_after = 0.0
+                attempt, retry_due = attempt + 1, True
                 continue
             if 200 <= status < 300:
                 return server, text
@@ -234,6 +262,7 @@ class PubApi:
             if not retriable(status) and reason != NOT_RUNNING:
                 raise RefusedError(server, status, reason)
             errors.append(f"{server} answered {status}: {reason}")
+            attempt, retry_due = attempt + 1, True
         raise UnavailableError(errors)
 
     def _once(self, server: Server, method: str, endpoint: str, cid: str | None,
@@ -380,7 +409,17 @@ def _retry_after(value: str | None) -> float:
         return 0.0
 
 
+def _is_permanent(err: BaseException) -> bool:
+    """A name that does not resolve or a certificate that fails verification: retrying, here
+    or later, gives the same answer (a temporary DNS failure, EAI_AGAIN, is retried)."""
+    if isinstance(err, socket.gaierror):
+        return err.errno != socket.EAI_AGAIN
+    return isinstance(err, ssl.SSLCertVerificationError)
+
+
 def _describe(err: BaseException) -> str:
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve the server's name: {err.strerror or err}"
     if isinstance(err, ssl.SSLCertVerificationError):
         return (f"TLS: {err.verify_message or err} (is the CA in $X509_CERT_DIR or "
                 "$USERPUB_CA_BUNDLE?)")

@@ -25,6 +25,7 @@ from userpub_client.api import (
     RefusedError,
     RetryPolicy,
     UnavailableError,
+    UnreachableError,
     servers_from,
 )
 from userpub_client.cid import InvalidCid, normalize_cid
@@ -56,7 +57,8 @@ class Exit(IntEnum):
 
 EXIT_CODES = """exit codes:
   0  done: published, present, found
-  1  local problem: tarball, CID, credentials, CA files, server list
+  1  local problem: tarball, CID, credentials, CA files, server list (also: no server name
+     resolves, or no server's certificate is trusted; never retried)
   2  usage error
   3  the CID is MISSING (exists, update, status)
   4  refused by the server (a 4xx answer: bad request, not authorised, too large)
@@ -87,10 +89,15 @@ def _decorate(parser: argparse.ArgumentParser) -> None:
 
 
 def add_client_parser(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands of ``userpub client`` (parser made by cli.py)."""
+    """Sub-commands of ``userpub client`` (parser made by cli.py): the operations on the
+    servers, and ``wait`` (the same as ``userpub wait``)."""
     _decorate(parser)
-    _add_operations(parser.add_subparsers(dest="client_command", required=True,
-                                          metavar="OPERATION"))
+    sub = parser.add_subparsers(dest="client_command", required=True, metavar="OPERATION")
+    _add_operations(sub)
+    text = "wait until a CID is visible under /cvmfs (on a worker node)"
+    wait = sub.add_parser("wait", help=text, description=text)
+    add_wait_parser(wait)
+    wait.set_defaults(client_command="wait")
 
 
 def _add_operations(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -198,6 +205,8 @@ def make_api(args: argparse.Namespace, say: Say, env: Mapping[str, str] = os.env
     for note in credentials.notes:
         say(note)
     servers = servers_from(args.server or (), env)
+    if credentials.missing and args.client_command not in ANONYMOUS:
+        raise CredentialError(credentials.why_missing())  # the server would answer 403
     if credentials.token and any(s.scheme == "http" and not s.is_loopback for s in servers):
         say("the bearer token is not sent over plain http:// except to this host")
     if args.client_command not in ("config", "ping"):
@@ -206,6 +215,9 @@ def make_api(args: argparse.Namespace, say: Say, env: Mapping[str, str] = os.env
     context = make_ssl_context(credentials, ca_bundle=bundle, ca_dir=directory)
     policy = RetryPolicy(attempts=max(0, args.retries) + 1, base_delay=args.retry_delay)
     return PubApi(servers, context, credentials, policy, log=say, timeout=args.socket_timeout)
+
+
+ANONYMOUS = ("config", "ping")  # the operations a server answers without credentials
 
 
 def follow(api: PubApi, cid: str, *, timeout: float, say: Say, interval: float = 1.0,
@@ -288,11 +300,16 @@ def _client(args: argparse.Namespace, say: Say) -> int:
 
 def run_client(args: argparse.Namespace) -> int:
     """``userpub client OPERATION``: run it and map failures to the documented exit codes."""
+    if args.client_command == "wait":
+        return run_wait(args)
     say = _sayer(args.quiet)
     try:
         return _client(args, say)
     except (ClientError, CredentialError, TarballError, InvalidCid) as err:
         _error(str(err))
+        return Exit.ERROR
+    except UnreachableError as err:
+        _error(f"{err} (not retried: the same answer would come again)")
         return Exit.ERROR
     except RefusedError as err:
         _error(str(err))

@@ -37,6 +37,19 @@ class Credentials:
     token: str | None = None
     token_source: str = ""
     notes: tuple[str, ...] = field(default=())
+    searched: tuple[str, ...] = field(default=())  # where discovery looked, for the user
+
+    @property
+    def missing(self) -> bool:
+        """True when there is neither a proxy nor a token."""
+        return self.proxy is None and self.token is None
+
+    def why_missing(self) -> str:
+        """What to tell a user who has no credentials: where we looked, what to run."""
+        where = ", ".join(self.searched) or "the --proxy and --token-file given"
+        return (f"no credentials: no bearer token or X.509 proxy found (looked at {where}); "
+                "get a token with `htgettoken -a <vault server> -i <issuer>` or a proxy with "
+                "`voms-proxy-init -voms <vo>` (or name one with --token-file or --proxy)")
 
     def describe(self) -> str:
         """One line for the user: which credential is used, from where (never the token)."""
@@ -131,7 +144,19 @@ def find_credentials(env: Mapping[str, str], *, proxy: str | None = None,
             return Credentials(None, token, source, tuple(notes))
         notes.append(f"ignoring the bearer token from {source}: it expired "
                      f"{int(now - expiry)} s ago")
-    return Credentials(discover_proxy(env, uid, tmp), None, "", tuple(notes))
+    return Credentials(discover_proxy(env, uid, tmp), None, "", tuple(notes),
+                       searched_places(env, uid, tmp))
+
+
+def searched_places(env: Mapping[str, str], uid: int, tmp: str = "/tmp") -> tuple[str, ...]:
+    """Where :func:`find_credentials` looks, in its order, as the user can check them."""
+    def variable(name: str) -> str:
+        return f"${name}" + ("" if env.get(name) else " (unset)")
+
+    runtime = env.get("XDG_RUNTIME_DIR")
+    return (variable("BEARER_TOKEN"), variable("BEARER_TOKEN_FILE"),
+            f"{runtime}/bt_u{uid}" if runtime else f"$XDG_RUNTIME_DIR/bt_u{uid} (unset)",
+            f"{tmp}/bt_u{uid}", variable("X509_USER_PROXY"), f"{tmp}/x509up_u{uid}")
 
 
 # -- TLS --------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from publisher.repositories.base import (
@@ -13,13 +14,14 @@ from publisher.repositories.base import (
     Transaction,
 )
 from publisher.repositories.cvmfs_server import CvmfsServerRepository, default_published_view
+from publisher.repositories.cvmfs_server.repository import COMMAND as CVMFS_SERVER
 from publisher.repositories.local import LocalRepository
 from publisher.repositories.tree import TreeReader
 from userpub.config import Config, RepositoryConfig
 
 __all__ = ["CvmfsServerRepository", "GcResult", "LocalRepository", "RemoveResult", "Repository",
-           "RepositoryError", "RepositoryReader", "Transaction", "TreeReader", "open_reader",
-           "open_repository"]
+           "RepositoryError", "RepositoryReader", "Transaction", "TreeReader", "backend_problems",
+           "open_reader", "open_repository"]
 
 
 def open_repository(config: Config, repo: RepositoryConfig) -> Repository:
@@ -38,6 +40,22 @@ def open_repository(config: Config, repo: RepositoryConfig) -> Repository:
 
         return open_native(config, repo)
     raise NotImplementedError(f"backend {repo.backend!r} is not available yet")
+
+
+def backend_problems(config: Config, repo: RepositoryConfig) -> list[str]:
+    """What the backend of a repository published here lacks to start (one line each):
+    ``cvmfs_server`` on PATH, or the keys of a cvmfs-native repository. Read-only."""
+    if repo.backend == "cvmfs-server" and shutil.which(CVMFS_SERVER) is None:
+        return [f"repository {repo.name}: {CVMFS_SERVER} not found on PATH (the cvmfs-server "
+                "backend runs it)"]
+    if repo.backend == "cvmfs-native":
+        from publisher.repositories.cvmfs_native import KeysError, key_files, load_keys
+
+        try:
+            load_keys(key_files(config, repo))
+        except KeysError as err:
+            return [f"repository {repo.name}: {err}"]
+    return []
 
 
 def open_reader(config: Config, repo: RepositoryConfig) -> RepositoryReader:

@@ -54,7 +54,12 @@ class LocalRepository(TreeReader):
         self._last_trash_clean = 0.0
 
     def ensure_layout(self) -> None:
-        """Create the repository's directories (idempotent)."""
+        """Create the repository's directories inside its root (idempotent); RepositoryError
+        if the root itself is missing: it is never made here (a repository disk that is not
+        mounted must not be replaced by a tree on another disk)."""
+        if not self.root.is_dir():
+            raise RepositoryError(f"{self.name}: root {self.root} is not a directory "
+                                  "(not mounted?)")
         for d in (self.cid_dir, self.stamps_dir, self.staging, self.trash):
             d.mkdir(parents=True, exist_ok=True)
 

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
 import ssl
@@ -34,6 +33,8 @@ import requests
 from publisher.repositories.tree import CATALOG_MARKER, PUBLISHER_RECORD
 from tests.helpers import Daemon, make_tarball, wait_for
 from tests.pki import TestPKI
+from tests.requirements import machine_skip, tool
+from tests.requirements import root as needs_root
 from userpub.config import Config
 
 REPO1, REPO2 = "repo1.example.org", "repo2.example.org"
@@ -303,11 +304,9 @@ class Failpoint:
     """
 
     def __init__(self, pid: int, syscall: str, when: int = 1, log: Path | None = None) -> None:
-        if shutil.which("strace") is None:
-            pytest.skip("strace is not installed (apt install strace): it stops a process at "
-                        "an exact system call for the crash tests")
+        tool("strace")  # it stops a process at an exact system call
         if platform.machine() != "x86_64":
-            pytest.skip("the crash-point tests know x86_64 system call numbers only")
+            machine_skip("the crash-point tests know x86_64 system call numbers only")
         self.pid = pid
         self.number = SYSCALLS[syscall]
         self.log = log
@@ -392,8 +391,8 @@ def tmpfs(directory: Path, size: str, why: str) -> Iterator[Path]:
     """Mount a tmpfs of ``size`` on ``directory`` (created); skip the test, saying ``why`` it
     needs one, where that is not allowed. Unmounted on exit."""
     directory.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip(f"{why}: needs root to mount a {size} tmpfs")
+    needs_root(f"{why}: it mounts a {size} tmpfs")
+    tool("mount")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
                            str(directory)], capture_output=True, text=True, check=False)
     if done.returncode != 0:

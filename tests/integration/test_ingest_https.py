@@ -21,7 +21,9 @@ from spool import Spool
 from tests.helpers import publishers_alive, tar_body, wait_for
 from tests.pki import STRANGER_DN, TestPKI, ingest_config, running_ingest
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None,
+                                reason="curl is not installed (Debian package curl: "
+                                       "make system-deps)")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Whatever goes wrong, nothing reaches ``incoming/`` and the upload's ``tmp/`` ent
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -18,6 +17,7 @@ import requests
 from spool import Spool
 from tests.helpers import tar_body, wait_for
 from tests.pki import TestPKI, ingest_config, running_ingest
+from tests.requirements import root, tool
 
 MIB = 1 << 20
 
@@ -40,7 +40,7 @@ class Site:
 
     def curl(self, path, *args):
         out = subprocess.run(
-            ["curl", "-sS", "-w", "\n%{http_code}", "--cacert", str(self.pki.ca_file),
+            [tool("curl"), "-sS", "-w", "\n%{http_code}", "--cacert", str(self.pki.ca_file),
              "--cert", str(self.pki["proxy"]), "--key", str(self.pki["proxy"]), *args,
              self.base + path], capture_output=True, text=True, timeout=60, check=False)
         body, _, code = out.stdout.rpartition("\n")
@@ -179,8 +179,8 @@ def small_spool(tmp_path, pki):
     config = ingest_config(tmp_path / "site", pki, http=False, spool_reserve_bytes=8 * MIB)
     spool = Path(config.server.spool)
     spool.mkdir(parents=True)
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("507 test needs root to mount a 20 MiB tmpfs as the spool")
+    root("the 507 test mounts a 20 MiB tmpfs as the spool")
+    tool("mount")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(spool)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:

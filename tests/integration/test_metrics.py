@@ -81,7 +81,13 @@ def test_pipeline_metrics_through_prometheus(tmp_path):
         wait_for(lambda: _answers(base + 2), 30, janitor.log)
         for addresses in exporters.values():
             for address in addresses:
-                promtool_check_metrics(scrape(address))
+                text = scrape(address)
+                promtool_check_metrics(text)
+                # the standard collectors of every process (CPU, memory, descriptors, Python)
+                for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                             "process_open_fds", "process_start_time_seconds", "python_info",
+                             "python_gc_collections_total"):
+                    assert f"\n{name}" in text, (address, name)
         prom = Prometheus(tmp_path / "prom", exporters, RULES)
         wait_for(prom.targets_up, 30, "targets not up")
         time.sleep(3)  # a few scrapes at zero, so that rates see the increase
@@ -119,6 +125,7 @@ def test_pipeline_metrics_through_prometheus(tmp_path):
         assert prom.value("sum(userpub_publish_latency_seconds_count)") == 4
         assert prom.value('sum(userpub_publish_latency_seconds_bucket{le=~"10|10.0"})') == 4
         assert prom.value("sum(userpub_publisher_lock_held)") == 2
+        assert prom.value("count(process_resident_memory_bytes)") == 4  # every daemon
         assert prom.value('sum(userpub_http_requests_total{route="publish",status="200"})') == 4
         assert prom.value("sum(userpub_upload_bytes_total)") == sizes
         assert prom.value("sum(userpub_auth_failures_total)") == 1

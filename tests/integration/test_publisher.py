@@ -53,6 +53,8 @@ def test_drop_is_published_with_content_marker_and_record(site, tmp_path):
         assert oct(os.stat(target / "lib/data.txt").st_mode & 0o777) == "0o644"
         status = run_userpub(path, "status", "grp/abc123").stdout.strip()
         assert status == "PRESENT:/cvmfs/repo1.example.org/sw/grp/abc123"
+        missing = run_userpub(path, "status", "grp/never-sent", check=False)
+        assert (missing.stdout, missing.returncode) == ("MISSING\n", 3)  # the client's codes
         # the spool is empty again, nothing left in staging
         spool = Spool(config.server.spool)
         wait_for(lambda: spool.depth().incoming == 0 and not any(spool.iter_active(REPO1)))

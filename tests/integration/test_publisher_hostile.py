@@ -57,8 +57,10 @@ def test_every_hostile_class_fails_with_its_reason_and_writes_nothing_outside(tm
         assert expected in reason["error"], (name, reason["error"])
         assert "\n" not in reason["error"]
         assert reason["submitter"] == "attacker"
-        status = run_userpub(path, "status", f"hostile/{name}").stdout.strip()
+        answer = run_userpub(path, "status", f"hostile/{name}", check=False)
+        status = answer.stdout.strip()
         assert status.startswith("FAILED:") and expected in status, (name, status)
+        assert answer.returncode == 6, answer  # the client's exit code for FAILED
     assert spool.depth().incoming == 0
 
     # nothing outside the CID directories: the repository holds only its own layout, the

@@ -24,6 +24,7 @@ from spool import Spool
 from tests.helpers import publishers_alive, wait_for
 from tests.pki import TestPKI, ingest_config, running_ingest
 from tests.rawhttp import Answer, Client, get, read_answer, wait_closed
+from tests.requirements import tool
 
 SMUGGLED = b"GET /pubapi/status?cid=smuggled/x HTTP/1.1\r\nHost: x\r\n\r\n"
 POST = b"POST /pubapi/publish?cid=grp/%s HTTP/1.1\r\nHost: x\r\n"
@@ -245,8 +246,7 @@ class Nginx:
     """nginx as a reverse proxy to ``upstream`` (HTTPS, upstream keep-alive)."""
 
     def __init__(self, directory: Path, upstream: int, pki: TestPKI) -> None:
-        if shutil.which("nginx") is None:
-            pytest.skip("nginx is not installed (apt install nginx): the reverse-proxy test")
+        tool("nginx")  # the reverse proxy in front of the ingest
         directory.mkdir(parents=True)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import socket
 import ssl
 
 import pytest
 
+from tests.requirements import machine_skip
 from tests.unit.test_client_fakes import (
     USER_DN,
     FakeServer,
@@ -29,6 +31,7 @@ from userpub_client.api import (
     RetryPolicy,
     Server,
     UnavailableError,
+    UnreachableError,
     parse_server,
     parse_server_list,
     servers_from,
@@ -79,7 +82,7 @@ def test_parse_server(spec, expected):
 
 
 @pytest.mark.parametrize("spec", ["ftp://h", "h:port", "https://", "https://u@h", "h:99999",
-                                  "https://h/?q=1"])
+                                  "https://h/?q=1", "a..b.example", "x" * 64 + ".example"])
 def test_parse_server_rejects(spec):
     with pytest.raises(ClientError, match="bad server"):
         parse_server(spec)
@@ -229,8 +232,10 @@ def test_unexpected_answer(pki):
 def test_untrusted_server_certificate(pki, tmp_path):
     other = make_pki(tmp_path)
     with FakeServer(scripted(Reply(body="OK\n")), server_context(other)) as srv:
-        with pytest.raises(UnavailableError, match="X509_CERT_DIR"):
-            api_for([srv.url], pki, attempts=1).ping()
+        sleeps: list[float] = []
+        with pytest.raises(UnreachableError, match="X509_CERT_DIR"):
+            api_for([srv.url], pki, attempts=6, sleeps=sleeps).ping()
+        assert sleeps == []  # verification fails the same way every time: never retried
         ctx = make_ssl_context(Credentials(), ca_dir=str(other.ca_dir))  # grid layout works
         assert PubApi([parse_server(srv.url)], ctx, Credentials()).ping() == "OK"
 
@@ -359,3 +364,31 @@ def test_ssl_context_verifies_by_default():
     ctx = make_ssl_context(Credentials())
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.check_hostname
+
+
+def test_an_untrusted_server_is_left_out_at_once_for_the_other(pki, tmp_path):
+    other = make_pki(tmp_path / "other")
+    with FakeServer(scripted(Reply(body="OK\n")), server_context(other)) as bad, \
+            FakeServer(scripted(Reply(body="PRESENT:/x\n")), server_context(pki)) as good:
+        urls = [bad.url, good.url]
+        sleeps: list[float] = []
+        api = api_for(urls, pki, seed=seed_starting_with(urls, bad.url, pki), sleeps=sleeps)
+        assert api.exists("g/x").state == "PRESENT"
+        assert api.exists("g/y").state == "PRESENT"  # the session keeps to the good one
+    assert sleeps == []
+    assert len(good.requests) == 2 and bad.requests == []
+
+
+def test_a_name_that_does_not_resolve_is_not_retried(pki):
+    name = "userpub-test-no-such-host.invalid"
+    try:
+        socket.getaddrinfo(name, 443)
+    except socket.gaierror as err:
+        if err.errno == socket.EAI_AGAIN:
+            machine_skip("no DNS resolver answers on this machine (EAI_AGAIN)")
+    else:
+        machine_skip(f"this machine's resolver answers for {name}")
+    sleeps: list[float] = []
+    with pytest.raises(UnreachableError, match="cannot resolve the server's name"):
+        api_for([f"https://{name}"], pki, attempts=6, sleeps=sleeps).exists("g/x")
+    assert sleeps == []

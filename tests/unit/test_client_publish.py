@@ -7,12 +7,14 @@ exists first (PRESENT: update and stop), else upload to the same server and foll
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import make_tarball
+from tests.requirements import machine_skip
 from tests.unit.test_client_fakes import (
     FakeServer,
     Reply,
@@ -296,3 +298,47 @@ def test_cid_command(capsys, tarball, monkeypatch):
     assert main(["cid", str(tarball)]) == 0
     assert capsys.readouterr().out == f"fermilab/{digest}\n{digest}\n"
     assert main(["cid", str(tarball.parent / "missing")]) == 1
+
+
+def test_without_credentials_it_fails_before_contacting_anyone(cli, capsys, pki, tarball,
+                                                               tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    for found in (Path(f"/tmp/bt_u{os.getuid()}"), Path(f"/tmp/x509up_u{os.getuid()}")):
+        if found.exists():
+            machine_skip(f"{found} exists on this machine: credentials would be found")
+    with FakeServer(Service(present=True), server_context(pki)) as srv:
+        trust = ["--server", srv.url, "--ca-bundle", str(pki.ca_file)]
+        for args in (("publish", str(tarball), "-G", "g"), ("exists", "g/x"),
+                     ("status", "g/x")):
+            rc = main(["client", args[0], *trust, *args[1:]])
+            err = capsys.readouterr().err
+            assert rc == Exit.ERROR == 1, err
+            assert "no credentials" in err
+            for place in ("$BEARER_TOKEN (unset)", "$BEARER_TOKEN_FILE (unset)",
+                          f"{tmp_path / 'run'}/bt_u{os.getuid()}", f"/tmp/bt_u{os.getuid()}",
+                          "$X509_USER_PROXY (unset)", f"/tmp/x509up_u{os.getuid()}",
+                          "htgettoken", "voms-proxy-init"):
+                assert place in err, (place, err)
+        assert srv.requests == []  # nobody was asked
+        assert main(["client", "ping", *trust]) == 0  # needs no credentials
+
+
+def test_an_untrusted_server_is_a_local_problem_not_retried(cli, capsys, tmp_path):
+    other = make_pki(tmp_path / "other")
+    with FakeServer(Service(present=True), server_context(other)) as srv:
+        rc, _, err = cli(capsys, "exists", "g/x", "--retry-delay", "30", server=srv.url)
+    assert rc == Exit.ERROR == 1, err
+    assert "TLS: self-signed certificate" in err and "not retried" in err
+    assert "retrying" not in err
+
+
+def test_userpub_client_wait_is_userpub_wait(capsys, tmp_path):
+    (tmp_path / "repo2.example.org" / "sw" / "g" / "x").mkdir(parents=True)
+    args = ["g/x", "--repos", "repo1.example.org,repo2.example.org", "--mount-root",
+            str(tmp_path), "--timeout", "5", "--interval", "0.1"]
+    assert main(["client", "wait", *args]) == 0
+    assert main(["wait", *args]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{tmp_path}/repo2.example.org/sw/g/x\n" * 2
+    assert main(["client", "wait", "g/y", "--repos", "repo1.example.org", "--mount-root",
+                 str(tmp_path), "--timeout", "0.2", "--interval", "0.1"]) == Exit.TIMEOUT

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import run_userpub, write_config
@@ -16,7 +18,9 @@ def with_(**sections):
 
 def test_minimal_config_defaults_and_relative_paths(tmp_path):
     cfg = parse_config(with_(), tmp_path / "userpub.toml")
-    assert cfg.server.spool == (tmp_path / "var/spool").resolve()
+    assert cfg.server.spool == Path("/var/spool/userpub")
+    assert cfg.server.state == Path("/var/lib/userpub")
+    assert cfg.repositories[0].create is False
     assert cfg.repositories[0].root == (tmp_path / "r1").resolve()
     assert cfg.repositories[0].mount == "/cvmfs/r1.example.org"
     assert cfg.publisher.max_members == 1_000_000

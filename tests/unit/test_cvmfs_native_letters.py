@@ -23,6 +23,7 @@ from publisher.repositories.cvmfs_native.manifest import (
     whitelist_body,
 )
 from tests.helpers import run_userpub, write_config
+from tests.requirements import tool
 
 FQRN = "repo.example.org"
 MANIFEST = Manifest(root_catalog="a" * 40, catalog_size=57344, ttl=240, revision=7, fqrn=FQRN,
@@ -45,7 +46,7 @@ def test_key_files_follow_the_cvmfs_layout(keys):
     assert stat.S_IMODE(files.repository_key.stat().st_mode) == 0o600
     assert files.master_public.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     assert loaded.master_key is not None and loaded.master_key.key_size == 2048
-    out = subprocess.run(["openssl", "x509", "-noout", "-subject", "-fingerprint", "-sha1",
+    out = subprocess.run([tool("openssl"), "x509", "-noout", "-subject", "-fingerprint", "-sha1",
                           "-in", str(files.certificate)], capture_output=True, text=True,
                          check=True).stdout
     assert f"{FQRN} CernVM-FS Release Managers" in out
@@ -78,7 +79,7 @@ def test_manifest_signature_verified_by_openssl(keys, tmp_path):
     (tmp_path / "sig").write_bytes(signature)
     (tmp_path / "pub.pem").write_bytes(loaded.certificate.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    out = subprocess.run(["openssl", "dgst", "-sha1", "-verify", str(tmp_path / "pub.pem"),
+    out = subprocess.run([tool("openssl"), "dgst", "-sha1", "-verify", str(tmp_path / "pub.pem"),
                           "-signature", str(tmp_path / "sig"), str(tmp_path / "hash")],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "Verified OK" in out.stdout
@@ -107,7 +108,7 @@ def test_whitelist_is_raw_signed_by_the_master_key(keys, tmp_path):
     assert verify_whitelist(data, public) == body
     _, printed, signature = split_letter(data)
     (tmp_path / "sig").write_bytes(signature)
-    out = subprocess.run(["openssl", "pkeyutl", "-verifyrecover", "-pubin", "-inkey",
+    out = subprocess.run([tool("openssl"), "pkeyutl", "-verifyrecover", "-pubin", "-inkey",
                           str(files.master_public), "-in", str(tmp_path / "sig")],
                          capture_output=True, check=True)
     assert out.stdout == printed.encode()

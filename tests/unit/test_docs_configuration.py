@@ -65,7 +65,9 @@ def test_every_key_documented_with_its_default(section):
             assert text.startswith("*"), f"{section} {name}: default must be `toml` or *words*"
 
 
-def test_server_defaults_that_are_paths_resolve_relative_to_the_file(tmp_path):
-    parsed = cfg.parse_config({"repository": [{"name": "r", "host": "h", "root": "x"}]},
+def test_server_paths_resolve_relative_to_the_file(tmp_path):
+    parsed = cfg.parse_config({"server": {"spool": "s"},
+                               "repository": [{"name": "r", "host": "h", "root": "x"}]},
                               tmp_path / "c.toml")
-    assert parsed.server.spool == (tmp_path / "var/spool").resolve()
+    assert parsed.server.spool == (tmp_path / "s").resolve()
+    assert parsed.server.state == Path("/var/lib/userpub")  # the default, as the units say

@@ -22,7 +22,9 @@ from devsite.pki import (
 )
 from ingest.auth import POLICY_LIMITED, proxy_policy
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
+                                   reason="openssl is not installed (Debian package openssl: "
+                                          "make system-deps)")
 
 DNS = [
     "/DC=org/DC=example/CN=Example Test CA",
