@@ -98,7 +98,7 @@ class PairSites:
                      f'stratum0 = "{peer.stratum0}"\ndn = "{peer.dn}"\n\n')
         for owner, repos in HOSTED.items():
             for repo in repos:
-                where = (f'root = "{site.root(repo)}"' if owner == site.name
+                where = (f'root = "{site.root(repo)}"\ncreate = true' if owner == site.name
                          else f'replica = "{site.replica(repo)}"')
                 text += (f'[[repository]]\nname = "{repo}"\nhost = "{owner}"\n'
                          f'backend = "cvmfs-native"\n{where}\nmount = "/cvmfs/{repo}"\n'
