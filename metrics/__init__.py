@@ -5,11 +5,13 @@ from metrics.definitions import (
     IngestMetrics,
     JanitorMetrics,
     PublisherMetrics,
+    ReplicaCollector,
+    ReplicatorMetrics,
     SpoolCollector,
     register_build_info,
 )
 from metrics.exporter import MetricsServer, serve_metrics, write_textfile
 
 __all__ = ["LATENCY_BUCKETS", "IngestMetrics", "JanitorMetrics", "MetricsServer",
-           "PublisherMetrics", "SpoolCollector", "register_build_info", "serve_metrics",
-           "write_textfile"]
+           "PublisherMetrics", "ReplicaCollector", "ReplicatorMetrics", "SpoolCollector",
+           "register_build_info", "serve_metrics", "write_textfile"]

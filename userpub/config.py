@@ -43,6 +43,7 @@ class ServerConfig:
     state: Path = Path("var/state")
     prefix: str = "sw"
     stamps: str = "ts"
+    replica_interval: float = 15.0  # seconds between two pulls of each replica kept here
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class RepositoryConfig:
     keys: Path | None = None  # cvmfs-native: key directory (default <state>/keys)
     whitelist_days: int = 30  # cvmfs-native: lifetime of a signed whitelist
     gc_keep_hours: float = 24.0  # cvmfs-native: gc keeps revisions younger than this
+    origin: str | None = None  # replica: the origin's stratum-0 URL (http://host/cvmfs/<name>)
+    master_key: Path | None = None  # replica: the origin's master public key
 
     def is_hosted_on(self, server_name: str) -> bool:
         """True when the server named ``server_name`` publishes into this repository."""
@@ -140,6 +143,7 @@ class MetricsConfig:
 
     publisher_listen: str = "127.0.0.1:9461"
     janitor_listen: str = "127.0.0.1:9460"
+    replicator_listen: str = "127.0.0.1:9459"
 
 
 @dataclass(frozen=True)
@@ -294,6 +298,12 @@ def _address_problem(value: str) -> str | None:
     return None
 
 
+def _url_problem(value: str) -> str | None:
+    if not value.startswith(("http://", "https://")) or len(value.split("/")[2]) == 0:
+        return f"{value!r} is not an http:// or https:// URL"
+    return None
+
+
 def _name_problem(value: str) -> str | None:
     if not value or "/" in value or value.startswith(".") or any(c.isspace() for c in value):
         return f"{value!r} is not a usable name (no '/', whitespace or leading '.')"
@@ -308,9 +318,11 @@ def _parse_server(sec: _Section) -> ServerConfig:
     stamps = sec.string("stamps", "ts", _name_problem)
     if prefix == stamps:
         sec.problems.append(f"{sec.where}: prefix and stamps must differ")
+    interval = sec.number("replica_interval", ServerConfig.replica_interval, minimum=1.0)
     sec.finish()
     assert spool is not None and state is not None
-    return ServerConfig(name=name, spool=spool, state=state, prefix=prefix, stamps=stamps)
+    return ServerConfig(name=name, spool=spool, state=state, prefix=prefix, stamps=stamps,
+                        replica_interval=interval)
 
 
 def _parse_repository(sec: _Section) -> RepositoryConfig:
@@ -335,11 +347,17 @@ def _parse_repository(sec: _Section) -> RepositoryConfig:
         sec.problems.append(f"{sec.where}.mount: {mount!r} must be an absolute path")
     if backend in ("local", "cvmfs-native") and root is None:
         sec.problems.append(f"{sec.where}.root: required by the {backend} backend")
+    origin = sec.string("origin", "", _url_problem) or None
+    master_key = sec.path("master_key", None)
+    for key in ("origin", "master_key"):
+        if key in sec.table and replica is None:
+            sec.problems.append(f"{sec.where}.{key}: only for a repository with a replica")
     sec.finish()
     return RepositoryConfig(name=name, host=host, backend=backend, root=root, mount=mount,
                             replica=replica, command_timeout=timeout,
                             cvmfs_ingest=cvmfs_ingest, keys=keys,
-                            whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours)
+                            whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours,
+                            origin=origin, master_key=master_key)
 
 
 def _parse_publisher(sec: _Section) -> PublisherConfig:
@@ -431,6 +449,7 @@ def _parse_metrics(sec: _Section) -> MetricsConfig:
     cfg = MetricsConfig(
         publisher_listen=sec.address("publisher_listen", d.publisher_listen),
         janitor_listen=sec.address("janitor_listen", d.janitor_listen),
+        replicator_listen=sec.address("replicator_listen", d.replicator_listen),
     )
     sec.finish()
     return cfg
