@@ -17,7 +17,12 @@ from collections.abc import Callable
 from filelock import FileLock, Timeout
 
 from metrics import ReplicatorMetrics
-from publisher.repositories.cvmfs_native.replica import GRACE_SECONDS, ReplicaError, ReplicaPuller
+from publisher.repositories.cvmfs_native.replica import (
+    GRACE_SECONDS,
+    PullInterruptedError,
+    ReplicaError,
+    ReplicaPuller,
+)
 from publisher.repositories.cvmfs_native.replica_gc import collect_if_due
 from publisher.repositories.cvmfs_native.replica_state import ReplicaState
 from publisher.repositories.replicas import ReplicaTarget, replica_targets
@@ -109,6 +114,9 @@ class Replicator:
         started = time.monotonic()
         try:
             result = puller.pull()
+        except PullInterruptedError:
+            log.info("%s: pull interrupted by the stop request; nothing installed", name)
+            return
         except ReplicaError as err:
             self.metrics.pulls.labels(name, "failed").inc()
             self.metrics.pull_seconds.labels(name).observe(time.monotonic() - started)

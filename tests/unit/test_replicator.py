@@ -25,7 +25,7 @@ from publisher.repositories.replicas import (
     replicas_here,
 )
 from publisher.tarball import UnpackLimits
-from tests.helpers import make_tarball, write_config
+from tests.helpers import make_tarball, run_userpub, write_config
 from tests.unit.test_cvmfs_native_stratum0 import serve_stratum0
 from userpub.config import Config, MetricsConfig, load_config
 from userpub.daemon import Waker
@@ -133,6 +133,21 @@ def test_the_daemon_pulls_reports_and_recovers(origin, tmp_path, caplog):
     down.run_once(0.0)
     assert "pulls from" in caplog.text and "succeed again" in caplog.text and not down.failed
     assert replica_freshness(bad, REPO)[0] == revision
+
+
+def test_the_command_pulls_once_and_exits_with_its_outcome(origin, tmp_path):
+    _, url = origin
+    good = replica_site(tmp_path, url)
+    done = run_userpub(good.path, "replicator", "--once")
+    assert "-> revision" in done.stderr and replica_freshness(good, REPO) is not None
+    bad = replica_site(tmp_path / "down", "http://127.0.0.1:9/cvmfs/repo1.example.org")
+    failed = run_userpub(bad.path, "replicator", "--once", check=False)
+    errors = [line for line in failed.stderr.splitlines() if " ERROR " in line]
+    assert failed.returncode == 1 and len(errors) == 1, failed.stderr
+    nothing = run_userpub(write_config(tmp_path / "none", repos=1), "replicator", check=False)
+    assert nothing.returncode == 1
+    assert nothing.stderr.strip().splitlines()[-1].startswith("fatal: this server (pub1) keeps "
+                                                              "no cvmfs-native replica")
 
 
 def test_nothing_to_replicate_is_one_clear_error(tmp_path):

@@ -104,6 +104,9 @@ def restore_repository(config: Config, repo: RepositoryConfig, source: str, *,
     except KeysError as err:
         raise RestoreError(f"cannot restore {repo.name} without this host's repository keys: "
                            f"{err}") from None
+    if not files.master_public.exists():
+        raise RestoreError(f"cannot restore {repo.name} without its master public key "
+                           f"{files.master_public} (it checks the replica's signatures)")
     root = repo.root
     url = source_url(source, repo.name)
     config.lock_dir.mkdir(parents=True, exist_ok=True)
