@@ -29,7 +29,7 @@ from publisher.repositories.cvmfs_native.replica import (
     ReplicaPuller,
 )
 from publisher.repositories.cvmfs_native.replica_gc import collect_replica, reachable_names
-from publisher.repositories.cvmfs_native.replica_state import ReplicaState
+from publisher.repositories.cvmfs_native.replica_state import MAX_RETAINED, ReplicaState, Retained
 from publisher.tarball import UnpackLimits
 from tests.genuine import genuine_check
 from tests.helpers import make_tarball
@@ -328,3 +328,21 @@ def test_the_grace_keeps_the_replaced_revision_readable(origin, tmp_path):
     later = os.path.getmtime(s1 / ".cvmfspublished") + 7200  # objects are old, grace is not
     collect_replica(s1, state, FQRN, grace=3 * 3600, clock=lambda: later)
     assert reachable_names(ObjectStore(s1), [old_root])  # still complete: it raises otherwise
+
+
+def test_the_record_survives_damage_and_keeps_a_bounded_history(tmp_path):
+    path = tmp_path / "replicas" / f"{FQRN}.json"
+    assert ReplicaState.load(path, FQRN) == ReplicaState(FQRN)  # missing
+    path.parent.mkdir()
+    path.write_text("{not json")
+    assert ReplicaState.load(path, FQRN) == ReplicaState(FQRN)  # damaged
+    state = ReplicaState(FQRN, revision=7, last_success=100.0)
+    for i in range(MAX_RETAINED + 5):
+        state.retain(Retained(i, f"{i:040x}", (f"{i:040x}H",), until=1000.0 + i), now=500.0)
+    assert [r.revision for r in state.retained] == list(range(5, MAX_RETAINED + 5))
+    state.retain(Retained(99, "f" * 40, (), until=2000.0), now=1010.0)  # graces ended
+    assert [r.revision for r in state.retained] == [*range(11, MAX_RETAINED + 5), 99]
+    state.save(path)
+    again = ReplicaState.load(path, FQRN)
+    assert again == state and again.age(130.0) == 30.0
+    assert ReplicaState(FQRN).age(130.0) is None

@@ -16,6 +16,8 @@ from typing import Any
 
 from publisher.repositories.cvmfs_native.layout import write_atomic
 
+MAX_RETAINED = 64
+
 
 @dataclass(frozen=True)
 class Retained:
@@ -83,9 +85,12 @@ class ReplicaState:
                      durable=False)
 
     def retain(self, previous: Retained, now: float) -> None:
-        """Keep ``previous`` until its grace ends; forget revisions whose grace has ended."""
-        self.retained = [r for r in self.retained if r.until > now
-                         and r.root_catalog != previous.root_catalog] + [previous]
+        """Keep ``previous`` until its grace ends; forget revisions whose grace has ended, and
+        all but the last ``MAX_RETAINED`` (older ones are still kept while the history tags
+        them, as the origin keeps them)."""
+        kept = [r for r in self.retained if r.until > now
+                and r.root_catalog != previous.root_catalog] + [previous]
+        self.retained = kept[-MAX_RETAINED:]
 
     def age(self, now: float) -> float | None:
         """Seconds since the last successful pull, or None if there was none."""

@@ -17,7 +17,6 @@ interrupted restore can be run again: it goes on with what it already has.
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from publisher.repositories.cvmfs_native.fetch import Fetcher, FetchError
 from publisher.repositories.cvmfs_native.history import Reflog
 from publisher.repositories.cvmfs_native.keys import Keys, KeysError, load_keys
 from publisher.repositories.cvmfs_native.layout import (
-    MANIFEST,
     REFLOG,
     STATUS,
     WHITELIST,
@@ -117,13 +115,19 @@ def restore_repository(config: Config, repo: RepositoryConfig, source: str, *,
         raise RestoreError(f"the publisher of {repo.name} is running (it holds "
                            f"{life.lock_file}): stop it before restoring") from None
     try:
-        with FileLock(transaction_lock_path(config, repo.name)):
+        txn = FileLock(transaction_lock_path(config, repo.name))
+        try:
+            held = txn.acquire(timeout=60.0)
+        except Timeout:
+            raise RestoreError(f"{repo.name} is being changed (the janitor holds "
+                               f"{txn.lock_file}): try again later") from None
+        with held:  # released at the end of the block
             existing = read_local_manifest(root)
-            if existing is not None or os.path.lexists(root / MANIFEST):
-                what = f"revision {existing[1].revision}" if existing else "a manifest"
-                raise RestoreError(f"{repo.name} still exists at {root} ({what}): restore "
-                                   "rebuilds a lost repository and never overwrites one (move "
-                                   "the directory away first)")
+            if existing is not None:
+                raise RestoreError(f"{repo.name} still exists at {root} (revision "
+                                   f"{existing[1].revision}): restore rebuilds a lost "
+                                   "repository and never overwrites one (move the directory "
+                                   "away first)")
             _check_whitelist(url, repo.name, files.master_public, keys, timeout)
             state = config.server.state / "replicas" / f".restore-{repo.name}.json"
             puller = ReplicaPuller(Origin(url, repo.name, files.master_public), root, state,
