@@ -36,3 +36,12 @@ def genuine_check(repository: str | Path, scratch: Path, *, fqrn: str | None = N
     output = done.stdout + done.stderr
     assert done.returncode == 0 and "no problems found" in output, output[-2000:]
     return output
+
+
+def genuine_scrub(data: Path) -> None:
+    """``cvmfs_swissknife scrub`` of a ``data/`` directory: every object's name is its hash."""
+    tool = swissknife()
+    env = dict(os.environ, LD_LIBRARY_PATH=str(TOOLS / "lib"))
+    done = subprocess.run([str(tool), "scrub", "-r", str(data)], capture_output=True,
+                          text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]

@@ -31,7 +31,7 @@ from publisher.repositories.cvmfs_native.replica import (
 from publisher.repositories.cvmfs_native.replica_gc import collect_replica, reachable_names
 from publisher.repositories.cvmfs_native.replica_state import MAX_RETAINED, ReplicaState, Retained
 from publisher.tarball import UnpackLimits
-from tests.genuine import genuine_check
+from tests.genuine import genuine_check, genuine_scrub
 from tests.helpers import make_tarball
 from tests.unit.test_cvmfs_native_invariants import (
     all_objects_hash_to_their_names,
@@ -98,7 +98,7 @@ def test_first_pull_is_a_byte_for_byte_stratum_1(origin, tmp_path):
     assert reached <= set(got)  # every object of the current revision, chunks included
     assert any(name.endswith("P") for name in reached)
     assert all(got[name] == wanted[name] for name in got)  # never recompressed
-    for name in (".cvmfspublished", ".cvmfswhitelist", ".cvmfsreflog"):
+    for name in (".cvmfspublished", ".cvmfswhitelist", ".cvmfsreflog", ".cvmfs_master_replica"):
         assert (s1 / name).read_bytes() == (repo.root / name).read_bytes()
         assert not (s1 / name).is_symlink()
     assert not (s1 / ".userpub").exists() and not any((s1 / "data" / "txn").iterdir())
@@ -120,6 +120,7 @@ def test_the_genuine_check_accepts_the_replica_on_disk_and_over_http(origin, tmp
     puller(tmp_path, repo, url).pull()
     s1 = tmp_path / "s1" / FQRN
     genuine_check(s1, tmp_path / "check-dir")
+    genuine_scrub(s1 / "data")
     with serve_stratum0({FQRN: s1}) as base:
         genuine_check(f"{base}/cvmfs/{FQRN}", tmp_path / "check-http", fqrn=FQRN,
                       key=repo.key_files.master_public)

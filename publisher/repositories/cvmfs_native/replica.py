@@ -181,12 +181,13 @@ class ReplicaPuller:
         self.store.ensure_layout()
         self.store.clear_txn()
         local = read_local_manifest(self.root)
-        if self.require_marker:
-            try:
-                fetcher.get(REPLICA)
-            except NotFoundError:
+        try:
+            marker = fetcher.get(REPLICA, limit=1 << 16)
+        except NotFoundError:
+            if self.require_marker:
                 raise ReplicaError(f"{self.origin.url} is not a stratum 0 for replication "
                                    f"(no {REPLICA})") from None
+            marker = None
         for _ in range(_ATTEMPTS):
             now = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
             ensemble = fetch_ensemble(fetcher, self.origin.fqrn, master, self.store, now)
@@ -204,6 +205,8 @@ class ReplicaPuller:
                     continue  # pull the new revision (what it shares with this one is here)
                 self._install(ensemble, reflog, state, local)
                 changed = True
+            if marker is not None and not (self.root / REPLICA).exists():
+                write_atomic(self.root / REPLICA, marker, durable=False)  # as replicable
             return PullResult(self.origin.fqrn, manifest.revision,
                               None if local is None else local[1].revision, manifest.revision,
                               changed, self._objects, self._catalogs, fetcher.bytes_fetched,
