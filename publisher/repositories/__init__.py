@@ -54,7 +54,8 @@ def open_reader(config: Config, repo: RepositoryConfig) -> RepositoryReader:
         if repo.backend == "cvmfs-native":
             from publisher.repositories.cvmfs_native import NativeReader
 
-            return NativeReader(repo.name, repo.replica, prefix, stamps, repo.mount)
+            return NativeReader(repo.name, repo.replica, prefix, stamps, repo.mount,
+                                replica=True)
         return TreeReader(repo.name, repo.replica, prefix, stamps, repo.mount)
     if repo.backend == "local" and repo.root is not None:
         return TreeReader(repo.name, repo.root, prefix, stamps, repo.mount)

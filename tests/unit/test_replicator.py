@@ -68,7 +68,11 @@ def test_what_the_configuration_says_about_replicas(tmp_path):
     assert target.root == tmp_path / "pub2" / "replicas" / REPO
     assert target.origin.master_key == tmp_path / "pub2" / "origin-keys" / f"{REPO}.pub"
     assert target.state == config.server.state / "replicas" / f"{REPO}.json"
-    assert isinstance(open_reader(config, repo), NativeReader)  # read in place, no FUSE
+    reader = open_reader(config, repo)
+    assert isinstance(reader, NativeReader)  # read in place, no FUSE
+    assert "is not a directory" in reader.unreadable()
+    target.root.mkdir(parents=True)
+    assert "has not been pulled yet" in reader.unreadable()  # the janitor judges nothing then
     assert stratum0_repositories(config) == {REPO: target.root}  # served as a stratum 1
     assert [c.name for c in plan_children(config, sys.executable)][-1] == "replicator"
     assert "userpub-replicator" not in [t.job for t in scrape_targets(config)]  # port 0
@@ -104,6 +108,7 @@ def test_the_daemon_pulls_reports_and_recovers(origin, tmp_path, caplog):
     assert f"empty -> revision {revision}" in caplog.text
     reader = open_reader(config, config.repositories[0])
     assert reader.contains("grp/one") and reader.visible_path("grp/one").startswith("/cvmfs/")
+    assert reader.unreadable() is None
     caplog.clear()
     daemon.run_once(0.0)
     assert "->" not in caplog.text  # nothing changed: nothing logged

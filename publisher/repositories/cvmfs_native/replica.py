@@ -405,7 +405,7 @@ class ReplicaPuller:
                                                 (old.history, HISTORY), (old.metainfo, METAINFO))
                          if h)
             state.retain(Retained(old.revision, old.root_catalog, kept, now + self.grace), now)
-            state.save(self.state_path)  # before the switch: the old revision stays collectable-safe
+            state.save(self.state_path)  # recorded before the switch: never collected early
         state.root_catalog = ensemble.manifest.root_catalog
         write_atomic(self.root / MANIFEST, ensemble.raw, durable=self.durable)
         stamp = time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime(now))
