@@ -130,6 +130,51 @@ def cmd_janitor(args: argparse.Namespace) -> int:
             write_textfile(registry, Path(args.metrics_textfile))
 
 
+def cmd_replicator(args: argparse.Namespace) -> int:
+    """Keep this host's replicas fresh: pull each from its origin every replica_interval."""
+    from prometheus_client import CollectorRegistry
+
+    from metrics import ReplicaCollector, ReplicatorMetrics, serve_metrics, write_textfile
+    from publisher.replicator import Replicator, freshness_records
+    from userpub.config import split_address
+
+    config = _config(args)
+    registry = CollectorRegistry()
+    metrics = ReplicatorMetrics(registry)
+    registry.register(ReplicaCollector(lambda: freshness_records(config)))
+    waker = Waker()
+    install_signal_handlers(waker)
+    daemon = Replicator(config, metrics, waker, only=args.repo, threads=args.threads)
+    server = None
+    address = config.metrics.replicator_listen
+    if split_address(address)[1] and not args.once:
+        try:
+            server = serve_metrics(registry, address)
+        except OSError as err:
+            raise Fatal(f"cannot serve metrics on {address}: {err.strerror}") from None
+    try:
+        run_daemon(daemon, waker, once=args.once)
+    finally:
+        if server is not None:
+            server.close()
+        if args.metrics_textfile:
+            write_textfile(registry, Path(args.metrics_textfile))
+    return 1 if args.once and daemon.failed else 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Rebuild a lost cvmfs-native repository hosted here from the companion's replica."""
+    from publisher.repositories.cvmfs_native.restore import restore_repository
+
+    config = _config(args)
+    try:
+        repo = config.repository(args.repo)
+    except KeyError:
+        raise Fatal(f"repository {args.repo!r} is not configured") from None
+    print(restore_repository(config, repo, args.source, threads=args.threads).describe())
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Serve the HTTPS publication API (and the plain-HTTP ping/config/metrics listener)."""
     from ingest.server import run_ingest
@@ -416,6 +461,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", help="judge ages as if it were this ISO 8601 time")
     p.add_argument("--once", action="store_true", help="run what the rota has due, then exit")
     p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
+    p = add("replicator", cmd_replicator, "keep this host's replicas fresh (stratum-1 pulls)")
+    p.add_argument("--repo", help="pull only this replica")
+    p.add_argument("--once", action="store_true", help="pull each replica once, then exit")
+    p.add_argument("--threads", type=int, default=4, help="parallel fetches (default 4)")
+    p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
+    p = add("restore", cmd_restore, "rebuild a lost repository from the companion's replica")
+    p.add_argument("--from", dest="source", required=True, metavar="URL",
+                   help="the replica's URL, http://<companion>:<port>/cvmfs[/<repo>]")
+    p.add_argument("--threads", type=int, default=4, help="parallel fetches (default 4)")
+    p.add_argument("repo", help="repository name (published by this server)")
     p = add("ingest", cmd_ingest, "serve the HTTPS publication API")
     p.add_argument("--ready-file", help="write the bound addresses here (JSON) once serving")
     p = add("drop", cmd_drop, "queue a tarball for publication (atomic)")

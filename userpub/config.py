@@ -46,6 +46,7 @@ class ServerConfig:
     state: Path = Path("/var/lib/userpub")
     prefix: str = "sw"
     stamps: str = "ts"
+    replica_interval: float = 15.0  # seconds between two pulls of each replica kept here
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class RepositoryConfig:
     whitelist_days: int = 30  # cvmfs-native: lifetime of a signed whitelist
     gc_keep_hours: float = 24.0  # cvmfs-native: gc keeps revisions younger than this
     create: bool = False  # the publisher may make a missing root (examples and tests only)
+    origin: str | None = None  # replica: the origin's stratum-0 URL (default: its peer's)
+    master_key: Path | None = None  # replica: the origin's master public key
 
     def is_hosted_on(self, server_name: str) -> bool:
         """True when the server named ``server_name`` publishes into this repository."""
@@ -144,6 +147,7 @@ class MetricsConfig:
 
     publisher_listen: str = "127.0.0.1:9461"
     janitor_listen: str = "127.0.0.1:9460"
+    replicator_listen: str = "127.0.0.1:9459"
 
 
 @dataclass(frozen=True)
@@ -197,9 +201,11 @@ def _parse_server(sec: Section) -> ServerConfig:
     stamps = sec.string("stamps", "ts", name_problem)
     if prefix == stamps:
         sec.problems.append(f"{sec.where}: prefix and stamps must differ")
+    interval = sec.number("replica_interval", ServerConfig.replica_interval, minimum=1.0)
     sec.finish()
     assert spool is not None and state is not None
-    return ServerConfig(name=name, spool=spool, state=state, prefix=prefix, stamps=stamps)
+    return ServerConfig(name=name, spool=spool, state=state, prefix=prefix, stamps=stamps,
+                        replica_interval=interval)
 
 
 def _parse_repository(sec: Section) -> RepositoryConfig:
@@ -221,6 +227,11 @@ def _parse_repository(sec: Section) -> RepositoryConfig:
     whitelist_days = sec.integer("whitelist_days", 30, minimum=1, maximum=3650)
     gc_keep_hours = sec.number("gc_keep_hours", 24.0)
     create = sec.boolean("create", False)
+    origin = sec.string("origin", "", _url_problem) or None
+    master_key = sec.path("master_key", None)
+    for key in ("origin", "master_key"):
+        if key in sec.table and replica is None:
+            sec.problems.append(f"{sec.where}.{key}: only for a repository with a replica")
     if create and backend == "cvmfs-server":
         sec.problems.append(f"{sec.where}.create: not for the cvmfs-server backend "
                             "(cvmfs_server mkfs makes the repository)")
@@ -233,7 +244,13 @@ def _parse_repository(sec: Section) -> RepositoryConfig:
                             replica=replica, command_timeout=timeout,
                             cvmfs_ingest=cvmfs_ingest, keys=keys,
                             whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours,
-                            create=create)
+                            create=create, origin=origin, master_key=master_key)
+
+
+def _url_problem(value: str) -> str | None:
+    if not value.startswith(("http://", "https://")) or len(value.split("/")[2]) == 0:
+        return f"{value!r} is not an http:// or https:// URL"
+    return None
 
 
 def _parse_publisher(sec: Section) -> PublisherConfig:
@@ -325,6 +342,7 @@ def _parse_metrics(sec: Section) -> MetricsConfig:
     cfg = MetricsConfig(
         publisher_listen=sec.address("publisher_listen", d.publisher_listen),
         janitor_listen=sec.address("janitor_listen", d.janitor_listen),
+        replicator_listen=sec.address("replicator_listen", d.replicator_listen),
     )
     sec.finish()
     return cfg

@@ -64,8 +64,9 @@ class NativeReader:
     """Read-only view of a cvmfs-native repository directory."""
 
     def __init__(self, name: str, root: Path, prefix: str, stamps: str, mount: str,
-                 cache_size: int = 32) -> None:
+                 cache_size: int = 32, *, replica: bool = False) -> None:
         self.name = name
+        self.replica = replica
         self.root = root
         self.prefix = prefix
         self.stamps_name = stamps
@@ -86,9 +87,14 @@ class NativeReader:
     def unreadable(self) -> str | None:
         """Why the repository cannot be read (its directory is missing), or None.
 
-        A repository without a published revision yet is readable: it holds nothing.
+        A repository without a published revision yet is readable: it holds nothing. A
+        replica without one is not: it has not been pulled yet, and holds what it lacks.
         """
-        return None if self.root.is_dir() else f"{self.root} is not a directory"
+        if not self.root.is_dir():
+            return f"{self.root} is not a directory"
+        if self.replica and self.manifest() is None:
+            return f"the replica {self.root} has not been pulled yet (no .cvmfspublished)"
+        return None
 
     # -- plumbing -----------------------------------------------------------------------------
     def manifest(self) -> Manifest | None:
