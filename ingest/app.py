@@ -124,9 +124,7 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
     if config.ingest is None:
         raise ValueError("the configuration has no [ingest] section")
     cfg = config.ingest
-    peers = PeerClient(config.peers, config.server.name, certificate=cfg.certificate,
-                       key=cfg.key, ca_dir=cfg.ca_dir, timeout=config.pair.timeout,
-                       cache_seconds=config.pair.cache_seconds) if config.peers else None
+    peers = PeerClient.from_config(config)
     api = Api(config, cfg, spool, catalog, metrics, authenticator,
               catalog.only([r.name for r in config.hosted]),
               stamps or StampLimiter(cfg.stamp_on_exists_seconds), peers,
@@ -140,6 +138,8 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
     _route(app, "/pubapi/publish", "publish", partial(handlers.publish, api), "POST")
     _route(app, "/pubapi/peer/state", "peer_state", partial(peer_handlers.state, api))
     _route(app, "/pubapi/peer/claim", "peer_claim", partial(peer_handlers.claim, api))
+    _route(app, "/pubapi/peer/masterkey", "peer_masterkey",
+           partial(peer_handlers.master_key, api))
     _route(app, "/pubapi/peer/lastuse", "peer_lastuse", partial(peer_handlers.last_use, api),
            "POST")
     return app

@@ -8,7 +8,9 @@ Only a peer's host certificate (its subject is a ``[[peer]] dn``) may call these
   ``HELD`` (this server takes it: it is queued, publishing, or being uploaded here and this
   server wins the tie) or ``GRANTED``;
 * ``POST lastuse`` (a CID per line): JSON ``{cid: newest access time or null}`` over every copy
-  this server reads, for the janitor of the peer.
+  this server reads, for the janitor of the peer;
+* ``GET masterkey?repo=``: the master public key (PEM) of a cvmfs-native repository this
+  server publishes, for the peer's replicator.
 
 The claim decides, between servers receiving one CID at the same time, which one keeps it:
 an upload this server has confirmed (every peer granted it) always holds; two unconfirmed
@@ -26,13 +28,14 @@ import bottle
 
 from ingest.auth import AuthError, chain_from_environ, identity_from_chain
 from ingest.responses import CID, IDENTITY, reply
+from publisher.repositories.cvmfs_native import key_files
 from spool import State
 from userpub.pair import PeerConfig
 
 if TYPE_CHECKING:
     from ingest.handlers import Api
 
-__all__ = ["MAX_LASTUSE", "Uploads", "claim", "last_use", "peer_of", "state"]
+__all__ = ["MAX_LASTUSE", "Uploads", "claim", "last_use", "master_key", "peer_of", "state"]
 
 MAX_LASTUSE = 100_000  # CIDs one lastuse call may ask about
 
@@ -137,3 +140,19 @@ def last_use(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
     answer = {cid: api.catalog.last_access(cid) for cid in cids}
     return bottle.HTTPResponse(json.dumps(answer), "200 OK",
                                {"Content-Type": "application/json", "Cache-Control": "max-age=0"})
+
+
+def master_key(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
+    """``GET /pubapi/peer/masterkey?repo=``."""
+    peer_of(api, environ)
+    name = str(bottle.request.query.get("repo", ""))
+    environ[CID] = name
+    repo = next((r for r in api.config.hosted if r.name == name), None)
+    if repo is None or repo.backend != "cvmfs-native":
+        return reply("404 Not Found", "Not a cvmfs-native repository published here\n")
+    try:
+        pem = key_files(api.config, repo).master_public.read_bytes()
+    except OSError:
+        return reply("404 Not Found", "No master key yet\n")
+    return bottle.HTTPResponse(pem, "200 OK", {"Content-Type": "application/x-pem-file",
+                                               "Cache-Control": "max-age=0"})

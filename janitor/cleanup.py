@@ -204,12 +204,9 @@ def check_fresh(catalog: Catalog, max_age: float) -> None:
 def peers_last_use(config: Config) -> Callable[[list[str]], dict[str, float]]:
     """The newest use the peers know of each CID (nothing without peers or an [ingest]
     section, whose host certificate the peer calls need)."""
-    if not config.peers or config.ingest is None:
-        return lambda cids: {}
-    client = PeerClient(config.peers, config.server.name, certificate=config.ingest.certificate,
-                        key=config.ingest.key, ca_dir=config.ingest.ca_dir,
-                        timeout=max(config.pair.timeout, 30.0), cache_seconds=0.0)
-    return client.last_use
+    client = PeerClient.from_config(config, timeout=max(config.pair.timeout, 30.0),
+                                    cache_seconds=0.0)
+    return client.last_use if client is not None else lambda cids: {}
 
 
 def clean(config: Config, repo_name: str, *, as_of: float | None = None,

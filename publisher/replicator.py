@@ -6,17 +6,27 @@ logged in one line, a failure in one line (repeated only when the reason changes
 minutes). After a pull the replica is garbage-collected when due (:func:`collect_if_due`:
 after the origin's own collection, and daily). A stop request ends a pull between two objects:
 nothing half-pulled is ever served.
+
+Replicas of cvmfs-server repositories (stratum 1s of cvmfs_server's own, made by ``userpub
+initrepos``) are refreshed the same way with ``cvmfs_server snapshot``, and recorded in the
+same record, so freshness reads alike for both backends.
+
+A replica whose origin's master public key is not on this host yet gets it from the peer that
+publishes the repository, over the mutual-TLS peer channel (``/pubapi/peer/masterkey``), and
+keeps it: later pulls check every whitelist against that pinned key.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from filelock import FileLock, Timeout
 
 from metrics import ReplicatorMetrics
+from publisher.repositories.cvmfs_native.manifest import LetterError, Manifest, split_letter
 from publisher.repositories.cvmfs_native.replica import (
     GRACE_SECONDS,
     PullInterruptedError,
@@ -25,10 +35,20 @@ from publisher.repositories.cvmfs_native.replica import (
 )
 from publisher.repositories.cvmfs_native.replica_gc import collect_if_due
 from publisher.repositories.cvmfs_native.replica_state import ReplicaState
-from publisher.repositories.replicas import ReplicaTarget, replica_targets
-from userpub.config import Config
+from publisher.repositories.cvmfs_server.setup import snapshot
+from publisher.repositories.cvmfs_server.subprocess_log import CommandResult, run_command
+from publisher.repositories.replicas import (
+    ReplicaTarget,
+    replica_lock_path,
+    replica_state_path,
+    replica_targets,
+    snapshot_replicas,
+)
+from userpub.config import Config, RepositoryConfig
 from userpub.daemon import Waker
 from userpub.errors import ServiceError
+from userpub.fsutil import fsync_file, rename_noreplace, unique_id, write_new_file
+from userpub.peers import PeerClient
 
 log = logging.getLogger("userpub.replicator")
 
@@ -59,19 +79,31 @@ class Replicator:
         self.targets: list[ReplicaTarget] = []
         self.failed: set[str] = set()  # replicas whose last pull failed
         self._errors: dict[str, tuple[str, float]] = {}
+        self.peers = PeerClient.from_config(config, timeout=timeout)
+        self.snapshots: list[RepositoryConfig] = []
+        self.cvmfs_server = shutil.which("cvmfs_server")
 
     def initialize(self) -> None:
         """Find the replicas to pull; ReplicatorError when there is none."""
         targets = replica_targets(self.config)
+        snapshots = list(snapshot_replicas(self.config))
         if self.only is not None:
             targets = [t for t in targets if t.name == self.only]
-            if not targets:
-                raise ReplicatorError(f"{self.only} is not a cvmfs-native replica with an origin "
-                                      f"on this server ({self.config.server.name})")
-        if not targets:
+            snapshots = [r for r in snapshots if r.name == self.only]
+            if not targets and not snapshots:
+                raise ReplicatorError(f"{self.only} is not a replica with an origin on this "
+                                      f"server ({self.config.server.name})")
+        if not targets and not snapshots:
             raise ReplicatorError(f"this server ({self.config.server.name}) keeps no "
-                                  "cvmfs-native replica with an origin to pull from")
+                                  "replica with an origin to pull from")
+        if snapshots and self.cvmfs_server is None:
+            raise ReplicatorError("cvmfs_server not found on PATH: the replicas of "
+                                  f"{', '.join(r.name for r in snapshots)} need its snapshot")
         self.targets = targets
+        self.snapshots = snapshots
+        for repo in snapshots:
+            log.info("%s: cvmfs_server replica %s refreshed by snapshot every %.0f s", repo.name,
+                     repo.replica, self.interval)
         self.config.lock_dir.mkdir(parents=True, exist_ok=True)
         for target in targets:
             state = ReplicaState.load(target.state, target.name)
@@ -86,6 +118,10 @@ class Replicator:
             if self.waker.stopped:
                 break
             self.pull(target)
+        for repo in self.snapshots:
+            if self.waker.stopped:
+                break
+            self.snapshot(repo)
         return max(0.0, self.interval - (time.monotonic() - started))
 
     def shutdown(self) -> None:
@@ -101,9 +137,38 @@ class Replicator:
                      target.name)
             return
         try:
-            self._pull(target)
+            if self._master_key_ready(target):
+                self._pull(target)
         finally:
             lock.release()
+
+    def _master_key_ready(self, target: ReplicaTarget) -> bool:
+        """True when the origin's master public key is here (fetched from its peer if not)."""
+        path = target.origin.master_key
+        if path.exists():
+            return True
+        try:
+            peer = self.config.peer(target.repository.host)
+        except KeyError:
+            peer = None
+        pem = (self.peers.master_key(peer, target.name)
+               if peer is not None and self.peers is not None else None)
+        if pem is None or peer is None:
+            self.failed.add(target.name)
+            self._error(target.name, f"master public key {path} is missing and the publishing "
+                        f"server ({target.repository.host}) did not provide it")
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{unique_id()}")
+        write_new_file(partial, pem)
+        fsync_file(partial)
+        try:
+            rename_noreplace(partial, path)  # a key placed meanwhile by the operator wins
+        except FileExistsError:
+            partial.unlink()
+        log.info("%s: master public key pinned from peer %s into %s", target.name, peer.name,
+                 path)
+        return True
 
     def _pull(self, target: ReplicaTarget) -> None:
         name = target.name
@@ -149,6 +214,53 @@ class Replicator:
                  "objects of %d revisions, in %.2f s", target.name, gc.removed, gc.freed_bytes,
                  gc.kept, gc.revisions_kept, gc.seconds)
 
+    def snapshot(self, repo: RepositoryConfig) -> None:
+        """Refresh a cvmfs-server replica with ``cvmfs_server snapshot`` and record it."""
+        lock = FileLock(replica_lock_path(self.config, repo.name))
+        try:
+            lock.acquire(timeout=self.interval / 2)
+        except Timeout:
+            log.info("%s: another process is refreshing the replica; skipped", repo.name)
+            return
+        try:
+            self._snapshot(repo)
+        finally:
+            lock.release()
+
+    def _snapshot(self, repo: RepositoryConfig) -> None:
+        assert self.cvmfs_server is not None
+        program = self.cvmfs_server
+
+        def run(argv: Sequence[str]) -> CommandResult:
+            return run_command([program, *argv], timeout=repo.command_timeout, log=log,
+                               stderr_level=logging.INFO)
+
+        path = replica_state_path(self.config, repo.name)
+        state = ReplicaState.load(path, repo.name)
+        state.last_attempt = self.clock()
+        result = snapshot(repo, run)
+        self.metrics.pull_seconds.labels(repo.name).observe(result.seconds)
+        if not result.ok:
+            state.last_error = result.describe()
+            state.save(path)
+            self.metrics.pulls.labels(repo.name, "failed").inc()
+            self.failed.add(repo.name)
+            self._error(repo.name, f"snapshot failed: {result.describe()}")
+            return
+        revision = _served_revision(repo)
+        changed = revision != state.revision
+        state.revision, state.last_success, state.last_error = revision, self.clock(), ""
+        if changed:
+            state.last_change = state.last_success
+        state.save(path)
+        self.failed.discard(repo.name)
+        if self._errors.pop(repo.name, None) is not None:
+            log.info("%s: snapshots succeed again", repo.name)
+        self.metrics.pulls.labels(repo.name, "changed" if changed else "unchanged").inc()
+        if changed:
+            log.info("%s: snapshot brought the replica to revision %d in %.2f s", repo.name,
+                     revision, result.seconds)
+
     def _error(self, key: str, text: str) -> None:
         """Log ``text`` for ``key`` (``<repo>`` or ``<repo>:gc``) unless it was just logged."""
         now = time.monotonic()
@@ -160,10 +272,22 @@ class Replicator:
 
 
 def freshness_records(config: Config) -> dict[str, tuple[int, float]]:
-    """``{repository: (revision, last successful pull)}`` of this host's pulled replicas."""
+    """``{repository: (revision, last successful pull)}`` of the replicas this host refreshes."""
     records = {}
-    for target in replica_targets(config):
-        state = ReplicaState.load(target.state, target.name)
+    names = [t.name for t in replica_targets(config)] + [r.name for r in
+                                                          snapshot_replicas(config)]
+    for name in names:
+        state = ReplicaState.load(replica_state_path(config, name), name)
         if state.last_success > 0:
-            records[target.name] = (state.revision, state.last_success)
+            records[name] = (state.revision, state.last_success)
     return records
+
+
+def _served_revision(repo: RepositoryConfig) -> int:
+    """The revision in the replica's ``.cvmfspublished`` (0 when it cannot be read)."""
+    assert repo.replica is not None
+    try:
+        body, _, _ = split_letter((repo.replica / ".cvmfspublished").read_bytes())
+        return Manifest.parse(body).revision
+    except (OSError, LetterError, ValueError):
+        return 0

@@ -88,9 +88,12 @@ class PairSites:
                   "ca_dir": str(self.pki.ca_dir), "grid_mapfile": str(self.pki.gridmap),
                   "spool_reserve_bytes": 0, "threads": 8, "socket_timeout": 10.0,
                   **self.extra.get("ingest", {})}
-        text = (f'[server]\nname = "{site.name}"\nspool = "spool"\nstate = "state"\n\n'
+        server = {"name": site.name, "spool": "spool", "state": "state",
+                  **self.extra.get("server", {})}
+        text = (f"[server]\n{table(server)}\n"
                 '[publisher]\nrescan_seconds = 1.0\ndurable = false\n\n'
-                '[metrics]\npublisher_listen = "127.0.0.1:0"\njanitor_listen = "127.0.0.1:0"\n\n'
+                '[metrics]\npublisher_listen = "127.0.0.1:0"\njanitor_listen = "127.0.0.1:0"\n'
+                'replicator_listen = "127.0.0.1:0"\n\n'
                 f"[ingest]\n{table(ingest)}\n"
                 f"[pair]\n{table({'timeout': 5.0, 'cache_seconds': 0.0, **self.extra.get('pair', {})})}\n")
         for peer in self.sites.values():

@@ -171,7 +171,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
         repo = config.repository(args.repo)
     except KeyError:
         raise Fatal(f"repository {args.repo!r} is not configured") from None
-    print(restore_repository(config, repo, args.source, threads=args.threads).describe())
+    source = args.source
+    if "://" not in source:  # a peer's name: its stratum0 serves its replicas
+        try:
+            source = config.peer(source).stratum0
+        except KeyError:
+            raise Fatal(f"--from {source!r} is neither a URL nor a [[peer]] name") from None
+        if not source:
+            raise Fatal(f"peer {args.source} has no stratum0 URL to restore from")
+    print(restore_repository(config, repo, source, threads=args.threads).describe())
     return 0
 
 
@@ -217,12 +225,18 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING;
-    exit with the client's codes (3 MISSING, 6 FAILED)."""
+    exit with the client's codes (3 MISSING, 6 FAILED). Without a CID: one line per
+    repository (role, revision, replica freshness)."""
     from publisher.repositories.catalog import Catalog
     from spool import Spool, State
     from userpub_client.cli import Exit
 
     config = _config(args)
+    if args.cid is None:
+        from publisher.repositories.overview import repository_lines
+
+        print("\n".join(repository_lines(config)))
+        return Exit.OK
     cid = normalize_cid(args.cid)
     status = Spool(config.server.spool).status(cid)
     if status.state is State.QUEUED:
@@ -467,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=4, help="parallel fetches (default 4)")
     p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
     p = add("restore", cmd_restore, "rebuild a lost repository from the companion's replica")
-    p.add_argument("--from", dest="source", required=True, metavar="URL",
-                   help="the replica's URL, http://<companion>:<port>/cvmfs[/<repo>]")
+    p.add_argument("--from", dest="source", required=True, metavar="PEER|URL",
+                   help="a [[peer]] name, or the replica's URL "
+                        "http://<companion>:<port>/cvmfs[/<repo>]")
     p.add_argument("--threads", type=int, default=4, help="parallel fetches (default 4)")
     p.add_argument("repo", help="repository name (published by this server)")
     p = add("ingest", cmd_ingest, "serve the HTTPS publication API")
@@ -476,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("drop", cmd_drop, "queue a tarball for publication (atomic)")
     p.add_argument("tarball")
     p.add_argument("--cid", help="content ID (default: the tarball's sha256)")
-    p = add("status", cmd_status, "where a CID stands")
-    p.add_argument("cid")
+    p = add("status", cmd_status, "where a CID stands (without one: every repository)")
+    p.add_argument("cid", nargs="?")
     add("check-config", cmd_check_config,
         "validate the configuration and run every daemon's startup checks (changes nothing)")
     add("run", cmd_run, "start all daemons of this host under one supervisor")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from userpub.pair import PairConfig, PeerConfig, parse_pair
+from userpub.pair import PairConfig, PeerConfig, parse_pair, url_problem
 from userpub.toml_section import Section, name_problem, split_address
 
 __all__ = ["BACKENDS", "Config", "ConfigError", "IngestConfig", "JanitorConfig", "MetricsConfig",
@@ -227,7 +227,7 @@ def _parse_repository(sec: Section) -> RepositoryConfig:
     whitelist_days = sec.integer("whitelist_days", 30, minimum=1, maximum=3650)
     gc_keep_hours = sec.number("gc_keep_hours", 24.0)
     create = sec.boolean("create", False)
-    origin = sec.string("origin", "", _url_problem) or None
+    origin = sec.string("origin", "", url_problem) or None
     master_key = sec.path("master_key", None)
     for key in ("origin", "master_key"):
         if key in sec.table and replica is None:
@@ -246,11 +246,6 @@ def _parse_repository(sec: Section) -> RepositoryConfig:
                             whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours,
                             create=create, origin=origin, master_key=master_key)
 
-
-def _url_problem(value: str) -> str | None:
-    if not value.startswith(("http://", "https://")) or len(value.split("/")[2]) == 0:
-        return f"{value!r} is not an http:// or https:// URL"
-    return None
 
 
 def _parse_publisher(sec: Section) -> PublisherConfig:

@@ -26,7 +26,7 @@ from typing import Any
 
 from userpub.toml_section import Section, name_problem
 
-__all__ = ["PairConfig", "PeerConfig", "parse_pair"]
+__all__ = ["PairConfig", "PeerConfig", "parse_pair", "url_problem"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,11 @@ class PairConfig:
     replica_max_age_seconds: float = 600.0
 
 
-def _url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
-    if not value.startswith(tuple(f"{s}://" for s in schemes)) or "/" not in value:
-        return f"{value!r} is not a {' or '.join(schemes)} URL"
+def url_problem(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str | None:
+    """Why ``value`` is not a URL of one of ``schemes`` with a host, or None when it is."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in schemes or not rest.split("/")[0]:
+        return f"{value!r} is not an {' or '.join(f'{s}://' for s in schemes)} URL"
     return None
 
 
@@ -73,10 +75,10 @@ def parse_pair(settings: Section, raw_peers: Any, base: Any, problems: list[str]
         if name and (problem := name_problem(name)):
             problems.append(f"{sec.where}.name: {problem}")
         url = sec.required("url").rstrip("/")
-        if url and (problem := _url_problem(url, ("https",))):
+        if url and (problem := url_problem(url, ("https",))):
             problems.append(f"{sec.where}.url: {problem}")
         stratum0 = sec.string("stratum0", "").rstrip("/")
-        if stratum0 and (problem := _url_problem(stratum0, ("http", "https"))):
+        if stratum0 and (problem := url_problem(stratum0, ("http", "https"))):
             problems.append(f"{sec.where}.stratum0: {problem}")
         dn = sec.string("dn", "")
         if dn and not dn.startswith("/"):

@@ -9,7 +9,9 @@ The routes called are the peers' ``/pubapi/peer/...`` (:mod:`ingest.peer_handler
   or ``GRANTED``, before an upload is accepted, so that a CID sent to two servers at once is
   published once;
 * ``POST lastuse`` with one CID per line -> JSON ``{cid: newest access time or null}``, from
-  every copy the peer reads, for the janitor.
+  every copy the peer reads, for the janitor;
+* ``GET masterkey?repo=`` -> the master public key (PEM) of a repository the peer publishes,
+  for a replicator that has none yet (the mutual TLS of the call is what makes it trusted).
 
 A peer that does not answer in time gives None: the caller decides from its replicas, and the
 failure is logged (once a minute per peer).
@@ -28,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from userpub.config import Config
 from userpub.pair import PeerConfig
 
 __all__ = ["PeerAnswer", "PeerClient"]
@@ -62,6 +65,19 @@ class PeerClient:
         self._cache: dict[tuple[str, str], tuple[float, str | None]] = {}
         self._logged: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config, *, timeout: float | None = None,
+                    cache_seconds: float | None = None) -> PeerClient | None:
+        """The peers of ``config`` reached with its ``[ingest]`` host certificate (``[pair]``
+        timeout and cache unless given), or None without peers or an ``[ingest]`` section."""
+        if not config.peers or config.ingest is None:
+            return None
+        return cls(config.peers, config.server.name, certificate=config.ingest.certificate,
+                   key=config.ingest.key, ca_dir=config.ingest.ca_dir,
+                   timeout=config.pair.timeout if timeout is None else timeout,
+                   cache_seconds=(config.pair.cache_seconds if cache_seconds is None
+                                  else cache_seconds))
 
     def _ssl(self) -> ssl.SSLContext:
         if self._context is None:
@@ -130,6 +146,14 @@ class PeerClient:
             text = self._call(peer, "GET", query)
             answers.append(PeerAnswer(peer, text.strip() if text is not None else None))
         return answers
+
+    def master_key(self, peer: PeerConfig, repository: str) -> bytes | None:
+        """The master public key (PEM) of ``repository`` as ``peer`` publishes it, or None."""
+        text = self._call(peer, "GET",
+                          f"masterkey?repo={urllib.parse.quote(repository, safe='')}")
+        if text is None or "-----BEGIN PUBLIC KEY-----" not in text:
+            return None
+        return text.encode()
 
     def last_use(self, cids: Iterable[str]) -> dict[str, float]:
         """The newest access time of each CID on any peer that answered (absent: unknown)."""

@@ -28,7 +28,7 @@ from publisher.repositories.cvmfs_native import NativeRepository, init_keys
 from publisher.repositories.cvmfs_native.replica import Origin, ReplicaPuller
 from publisher.repositories.cvmfs_native.replica_objects import read_local_manifest
 from publisher.tarball import UnpackLimits
-from tests.genuine import TOOLS
+from tests.cvmfs_genuine import TOOLS
 from tests.helpers import Daemon, make_tarball, write_config
 from tests.unit.test_cvmfs_native_stratum0 import serve_stratum0
 from userpub.fsutil import remove_tree

@@ -116,3 +116,40 @@ def test_a_replica_needs_its_origins_key(tmp_path, doubles):
     assert refused.stderr.strip().endswith(
         f"fatal: repository {REPO}: its master public key {tmp_path}/nokeys/{REPO}.pub is "
         "missing (copy it from pubA)")
+
+
+def test_the_replicator_snapshots_cvmfs_server_replicas(tmp_path, doubles):
+    """After initrepos, `userpub replicator` refreshes B's replica with cvmfs_server snapshot
+    and records its revision and freshness (status, metrics, the janitor's guard)."""
+    a, b = doubles["pubA"], doubles["pubB"]
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / f"{REPO}.pub").write_text("-----BEGIN PUBLIC KEY-----\n(test)\n")
+    peers = f"{STRATUM0}={a.root}"
+    config_a, config_b = site(tmp_path, "pubA", a), site(tmp_path, "pubB", b)
+    assert initrepos(config_a, a, peers, keys).returncode == 0
+    assert initrepos(config_b, b, peers, keys).returncode == 0
+    env = a.env()
+    for command in (["transaction", REPO], ["publish", REPO]):  # A publishes revision 2
+        subprocess.run(["cvmfs_server", *command], env=env, check=True, capture_output=True,
+                       timeout=60)
+    assert a.revision(REPO) == 2
+
+    def replicator(*args: str) -> subprocess.CompletedProcess[str]:
+        env_b = b.env()
+        env_b["CVMFS_SERVER_DOUBLE_PEERS"] = peers
+        return subprocess.run([sys.executable, "-m", "userpub", "--config", config_b,
+                               "replicator", "--once", *args], capture_output=True, text=True,
+                              env=env_b, cwd=REPO_ROOT, timeout=120, check=False)
+
+    done = replicator()
+    assert done.returncode == 0, done.stderr
+    assert f"{REPO}: snapshot brought the replica to revision 2" in done.stderr
+    status = subprocess.run([sys.executable, "-m", "userpub", "--config", config_b, "status"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+                            check=True).stdout
+    assert status.startswith(f"{REPO}: published by pubA (cvmfs-server); replica at "
+                             "revision 2, pulled "), status
+    b.fail("snapshot", stderr="Failed to contact stratum 0 (test)")
+    failed = replicator()
+    assert failed.returncode == 1 and "snapshot failed" in failed.stderr, failed.stderr

@@ -15,7 +15,7 @@ from filelock import FileLock
 
 from publisher.repositories.cvmfs_native import NativeReader
 from publisher.repositories.replicas import replica_freshness
-from tests.genuine import genuine_check
+from tests.cvmfs_genuine import genuine_check
 from tests.helpers import Daemon, make_tarball, run_userpub, wait_for, write_config
 from tests.integration.test_metrics import promtool_check_metrics
 from tests.pki import IngestProcess, TestPKI

@@ -31,7 +31,7 @@ from publisher.repositories.cvmfs_native.replica import (
 from publisher.repositories.cvmfs_native.replica_gc import collect_replica, reachable_names
 from publisher.repositories.cvmfs_native.replica_state import MAX_RETAINED, ReplicaState, Retained
 from publisher.tarball import UnpackLimits
-from tests.genuine import genuine_check, genuine_scrub
+from tests.cvmfs_genuine import genuine_check, genuine_scrub
 from tests.helpers import make_tarball
 from tests.unit.test_cvmfs_native_invariants import (
     all_objects_hash_to_their_names,

@@ -21,6 +21,7 @@ from publisher.repositories.cvmfs_native import NativeReader, NativeRepository, 
 from publisher.repositories.replicas import (
     replica_freshness,
     replica_master_key,
+    replica_origin,
     replica_targets,
     replicas_here,
 )
@@ -152,14 +153,32 @@ def test_the_command_pulls_once_and_exits_with_its_outcome(origin, tmp_path):
     nothing = run_userpub(write_config(tmp_path / "none", repos=1), "replicator", check=False)
     assert nothing.returncode == 1
     assert nothing.stderr.strip().splitlines()[-1].startswith("fatal: this server (pub1) keeps "
-                                                              "no cvmfs-native replica")
+                                                              "no replica with an origin")
 
 
 def test_nothing_to_replicate_is_one_clear_error(tmp_path):
     config = load_config(write_config(tmp_path, repos=1, backend="cvmfs-native"))
-    with pytest.raises(ReplicatorError, match="keeps no cvmfs-native replica"):
+    with pytest.raises(ReplicatorError, match="keeps no replica with an origin"):
         Replicator(config, ReplicatorMetrics(CollectorRegistry()), Waker()).initialize()
     site = replica_site(tmp_path / "x", "http://127.0.0.1:9/cvmfs/repo1.example.org")
-    with pytest.raises(ReplicatorError, match=r"other\.org is not a cvmfs-native replica"):
+    with pytest.raises(ReplicatorError, match=r"other\.org is not a replica with an origin"):
         Replicator(site, ReplicatorMetrics(CollectorRegistry()), Waker(),
                    only="other.org").initialize()
+
+
+def test_a_replica_is_pulled_from_its_peers_stratum0_unless_an_origin_is_set(tmp_path):
+    from tests.pair import PairSites
+
+    sites = PairSites(tmp_path)
+    b = sites["pubB"].config
+    assert b is not None
+    repo1 = b.repository(REPO)
+    assert replica_origin(b, repo1) == f"{sites['pubA'].stratum0}/{REPO}"
+    assert [t.name for t in replica_targets(b)] == [REPO, "repo2.example.org"]
+    moved = dataclasses.replace(repo1, origin="http://mirror.example.org/cvmfs/" + REPO)
+    assert replica_origin(b, moved) == "http://mirror.example.org/cvmfs/" + REPO
+    lost = dataclasses.replace(repo1, host="pubC")  # no such peer, no origin: only read
+    assert replica_origin(b, lost) is None
+    # staleness: infinite before the first pull (the janitor waits), None for own repositories
+    assert open_reader(b, repo1).staleness() == float("inf")
+    assert open_reader(b, b.repository("repo3.example.org")).staleness() is None

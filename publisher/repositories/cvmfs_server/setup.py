@@ -23,6 +23,7 @@ from pathlib import Path
 
 from publisher.repositories.base import RepositoryError
 from publisher.repositories.cvmfs_server.subprocess_log import CommandResult
+from publisher.repositories.replicas import replica_origin
 from userpub.config import Config, RepositoryConfig
 
 __all__ = ["SETTINGS", "init_repositories", "snapshot"]
@@ -60,11 +61,11 @@ def _known(run: Run) -> set[str]:
 
 
 def _origin(config: Config, repo: RepositoryConfig) -> str:
-    peer = config.peer(repo.host)
-    if not peer.stratum0:
-        raise RepositoryError(f"repository {repo.name}: peer {peer.name} has no stratum0 URL "
-                              "to replicate from")
-    return f"{peer.stratum0}/{repo.name}"
+    origin = replica_origin(config, repo)
+    if origin is None:
+        raise RepositoryError(f"repository {repo.name}: neither its origin nor the stratum0 "
+                              f"of its peer {repo.host} says where to replicate it from")
+    return origin
 
 
 def _create(config: Config, repo: RepositoryConfig, run: Run, etc: Path, srv: Path,
