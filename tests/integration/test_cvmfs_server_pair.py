@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,13 +75,18 @@ def initrepos(config: str, double: CvmfsServerDouble, peers: str, keys) -> subpr
         timeout=120, check=False)
 
 
-def test_initrepos_makes_the_repository_and_its_replica_once(tmp_path, doubles):
-    a, b = doubles["pubA"], doubles["pubB"]
+def pair_of(tmp_path, a: CvmfsServerDouble, b: CvmfsServerDouble) -> tuple[str, str, str, Path]:
+    """Both sites' configurations, the doubles' peer map and a key directory with the
+    origin's master public key."""
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / f"{REPO}.pub").write_text("-----BEGIN PUBLIC KEY-----\n(test)\n")
-    peers = f"{STRATUM0}={a.root}"
-    config_a, config_b = site(tmp_path, "pubA", a), site(tmp_path, "pubB", b)
+    return site(tmp_path, "pubA", a), site(tmp_path, "pubB", b), f"{STRATUM0}={a.root}", keys
+
+
+def test_initrepos_makes_the_repository_and_its_replica_once(tmp_path, doubles):
+    a, b = doubles["pubA"], doubles["pubB"]
+    config_a, config_b, peers, keys = pair_of(tmp_path, a, b)
 
     made = initrepos(config_a, a, peers, keys)
     assert made.returncode == 0, made.stderr
@@ -122,11 +128,7 @@ def test_the_replicator_snapshots_cvmfs_server_replicas(tmp_path, doubles):
     """After initrepos, `userpub replicator` refreshes B's replica with cvmfs_server snapshot
     and records its revision and freshness (status, metrics, the janitor's guard)."""
     a, b = doubles["pubA"], doubles["pubB"]
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    (keys / f"{REPO}.pub").write_text("-----BEGIN PUBLIC KEY-----\n(test)\n")
-    peers = f"{STRATUM0}={a.root}"
-    config_a, config_b = site(tmp_path, "pubA", a), site(tmp_path, "pubB", b)
+    config_a, config_b, peers, keys = pair_of(tmp_path, a, b)
     assert initrepos(config_a, a, peers, keys).returncode == 0
     assert initrepos(config_b, b, peers, keys).returncode == 0
     env = a.env()
