@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= var/userpub.toml
-APT_PACKAGES := curl lbzip2 pigz isal nginx prometheus squid strace fuse3 libfuse3-3
+APT_PACKAGES := curl lbzip2 pigz isal nginx prometheus squid strace fuse3 libfuse3-3 haproxy
 STAMP := $(VENV)/.installed
 
 .PHONY: run test test-fast bench lint type check install deps system-deps clean client-wheel

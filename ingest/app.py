@@ -19,7 +19,7 @@ from typing import Any
 import bottle
 from prometheus_client import CollectorRegistry
 
-from ingest import handlers
+from ingest import handlers, peer_handlers
 from ingest.auth import Authenticator
 from ingest.handlers import Api, StampLimiter
 from ingest.readiness import Readiness
@@ -28,6 +28,7 @@ from metrics import IngestMetrics
 from publisher.repositories.catalog import Catalog
 from spool import Spool
 from userpub.config import Config
+from userpub.peers import PeerClient
 
 __all__ = ["ApiApp", "make_app", "make_plain_app", "with_apache_paths"]
 
@@ -122,8 +123,12 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
     interval)."""
     if config.ingest is None:
         raise ValueError("the configuration has no [ingest] section")
-    api = Api(config, config.ingest, spool, catalog, metrics, authenticator,
-              stamps or StampLimiter(config.ingest.stamp_on_exists_seconds))
+    cfg = config.ingest
+    peers = PeerClient.from_config(config)
+    api = Api(config, cfg, spool, catalog, metrics, authenticator,
+              catalog.only([r.name for r in config.hosted]),
+              stamps or StampLimiter(cfg.stamp_on_exists_seconds), peers,
+              ready=readiness.problem)
     app = ApiApp(metrics)
     _route(app, "/pubapi/ping", "ping", partial(handlers.ping, readiness))
     _route(app, "/pubapi/config", "config", lambda environ: handlers.config_answer(config))
@@ -131,6 +136,12 @@ def make_app(config: Config, spool: Spool, catalog: Catalog, metrics: IngestMetr
     _route(app, "/pubapi/update", "update", partial(handlers.update, api))
     _route(app, "/pubapi/status", "status", partial(handlers.status, api))
     _route(app, "/pubapi/publish", "publish", partial(handlers.publish, api), "POST")
+    _route(app, "/pubapi/peer/state", "peer_state", partial(peer_handlers.state, api))
+    _route(app, "/pubapi/peer/claim", "peer_claim", partial(peer_handlers.claim, api))
+    _route(app, "/pubapi/peer/masterkey", "peer_masterkey",
+           partial(peer_handlers.master_key, api))
+    _route(app, "/pubapi/peer/lastuse", "peer_lastuse", partial(peer_handlers.last_use, api),
+           "POST")
     return app
 
 

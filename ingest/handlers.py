@@ -23,15 +23,17 @@ import bottle
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.auth import Authenticator, AuthError, Identity
+from ingest.peer_handlers import Uploads
 from ingest.readiness import Readiness
 from ingest.responses import CID, IDENTITY, bad_request, reply
 from ingest.upload import free_bytes, insufficient_storage, receive, too_large
 from ingest.upload_check import UploadCheck
 from metrics import IngestMetrics
-from publisher.repositories.catalog import Catalog
+from publisher.repositories.catalog import Catalog, Location
 from publisher.tarball import UnpackLimits
 from spool import CidMismatch, DropResult, Spool, State
 from userpub.config import Config, IngestConfig
+from userpub.peers import PeerClient
 from userpub_client.cid import InvalidCid, normalize_cid
 
 __all__ = ["Api", "StampLimiter", "config_answer", "exists", "metrics_answer", "ping", "publish", "status",
@@ -79,7 +81,42 @@ class Api:
     catalog: Catalog
     metrics: IngestMetrics
     authenticator: Authenticator
+    own: Catalog  # the repositories this server publishes (authoritative answers for peers)
     stamps: StampLimiter = field(default_factory=lambda: StampLimiter(3600.0))
+    peers: PeerClient | None = None  # the other servers of the pair
+    uploads: Uploads = field(default_factory=Uploads)
+    ready: Callable[[], str | None] = lambda: None  # why this host cannot publish now
+
+    def locate(self, cid: str) -> Location | None:
+        """Where ``cid`` is published: this host's copies, else what a peer says (its own
+        repositories are fresher than our replica of them: no blind window)."""
+        location = self.catalog.locate(cid)
+        if location is None and self.peers is not None:
+            for answer in self.peers.state(cid):
+                if answer.text is not None and answer.text.startswith("PRESENT:"):
+                    return Location(answer.peer.name, answer.text.removeprefix("PRESENT:"))
+        return location
+
+    def state_elsewhere(self, cid: str) -> str | None:
+        """``QUEUED`` or ``PUBLISHING`` when a peer is publishing ``cid``, else None."""
+        for answer in self.peers.state(cid) if self.peers is not None else ():
+            if answer.text in ("QUEUED", "PUBLISHING"):
+                return answer.text
+        return None
+
+    def claim(self, cid: str) -> str | None:
+        """Ask the peers before accepting an upload of ``cid``: the answer to give instead
+        (``PRESENT:<path>``, or ``OK`` when a peer takes it), or None to take it here."""
+        if self.peers is None:
+            return None
+        for answer in self.peers.claim(cid):
+            if answer.text is not None and answer.text.startswith("PRESENT:"):
+                return answer.text
+            if answer.text == "HELD":
+                log.info("%s: taken by peer %s; this upload is read and discarded", cid,
+                         answer.peer.name)
+                return "OK"
+        return None
 
     def authenticate(self, environ: dict[str, Any]) -> Identity:
         """The caller's identity, or raise the original's 403 answer."""
@@ -156,7 +193,7 @@ def exists(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
     """
     identity = api.authenticate(environ)
     cid = api.cid(environ, "exists")
-    location = api.catalog.locate(cid)
+    location = api.locate(cid)
     if location is None:
         return reply("200 OK", "MISSING\n")
     if api.ingest.stamp_on_exists and api.stamps.due(cid):
@@ -168,7 +205,7 @@ def update(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
     """``GET /pubapi/update?cid=``: as exists, and a present CID is stamped (used again)."""
     identity = api.authenticate(environ)
     cid = api.cid(environ, "update")
-    location = api.catalog.locate(cid)
+    location = api.locate(cid)
     if location is None:
         return reply("200 OK", "MISSING\n")
     api.spool.drop_stamp(cid, identity.submitter)
@@ -184,9 +221,11 @@ def status(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
         return reply("200 OK", "QUEUED\n")
     if state.state is State.PUBLISHING:
         return reply("200 OK", "PUBLISHING\n")
-    location = api.catalog.locate(cid)
+    location = api.locate(cid)
     if location is not None:
         return reply("200 OK", f"PRESENT:{location.path}\n")
+    if (elsewhere := api.state_elsewhere(cid)) is not None:
+        return reply("200 OK", f"{elsewhere}\n")
     if state.state is State.FAILED:
         return reply("200 OK", "FAILED:" + " ".join(state.reason.split()) + "\n")
     return reply("200 OK", "MISSING\n")
@@ -219,6 +258,9 @@ def publish(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
     cid = api.cid(environ, "publish")
     api.may_publish(identity, cid)
     length = _content_length(api, environ)
+    if api.peers is not None and api.ready() is not None:
+        # a peer can take it now: the original's answer, and clients try another server
+        return bad_request("Service not running", close=True)
     location = api.catalog.locate(cid)
     if location is not None:
         api.receive(environ, length, None)
@@ -227,6 +269,22 @@ def publish(api: Api, environ: dict[str, Any]) -> bottle.HTTPResponse:
     if api.spool.status(cid).state in (State.QUEUED, State.PUBLISHING):
         api.receive(environ, length, None)
         return reply("200 OK", "OK\n")
+    api.uploads.begin(cid)
+    confirmed = False
+    try:
+        if (answer := api.claim(cid)) is not None:  # a peer has it, or is taking it
+            api.receive(environ, length, None)
+            return reply("200 OK", f"{answer}\n")
+        api.uploads.confirm(cid)
+        confirmed = True
+        return _accept(api, environ, identity, cid, length)
+    finally:
+        api.uploads.end(cid, confirmed)
+
+
+def _accept(api: Api, environ: dict[str, Any], identity: Identity, cid: str,
+            length: int | None) -> bottle.HTTPResponse:
+    """Receive a new upload of ``cid`` into the spool: ``OK`` once it is durable."""
     if not api.has_room(length or 0):
         raise insufficient_storage(close=length is None)
     try:  # the entry's directory, the body, and meta.json at commit all take room

@@ -3,7 +3,8 @@
 ``make_stratum0_app({fqrn: root})`` is a plain WSGI application answering ``GET``/``HEAD`` of
 
 * ``/cvmfs/<fqrn>/.cvmfspublished``, ``.cvmfswhitelist``, ``.cvmfsreflog``,
-  ``.cvmfs_master_replica``, ``.cvmfs_status.json``: ``application/x-cvmfs``, cacheable 61 s
+  ``.cvmfs_master_replica``, ``.cvmfs_status.json``, ``.cvmfs_last_snapshot`` (replicas):
+  ``application/x-cvmfs``, cacheable 61 s
   (the manifest and whitelist change; proxies must re-check them soon);
 * ``/cvmfs/<fqrn>/data/XX/<hash>[suffix]``: ``application/octet-stream``, cacheable 3 days
   (content-addressed, never change);
@@ -26,6 +27,7 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+from publisher.repositories.replicas import replicas_here
 from userpub.config import Config
 
 StartResponse = Callable[..., Any]
@@ -34,15 +36,21 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 SHORT_SECONDS = 61
 LONG_SECONDS = 3 * 24 * 3600
 _TOP = frozenset((".cvmfspublished", ".cvmfswhitelist", ".cvmfswhitelist.pkcs7", ".cvmfsreflog",
-                  ".cvmfs_master_replica", ".cvmfs_status.json"))
+                  ".cvmfs_master_replica", ".cvmfs_status.json", ".cvmfs_last_snapshot"))
 _OBJECT = re.compile(r"data/[0-9a-f]{2}/[0-9a-f]{38}(?:-rmd160|-shake128)?[CHXMPL]?")
 _BLOCK = 1 << 20
 
 
 def stratum0_repositories(config: Config) -> dict[str, Path]:
-    """``{fqrn: root}`` of the cvmfs-native repositories this server publishes."""
-    return {r.name: r.root for r in config.hosted
-            if r.backend == "cvmfs-native" and r.root is not None}
+    """``{fqrn: directory}`` of the cvmfs-native repositories this server serves: those it
+    publishes (their stratum 0) and its replicas of the others' (stratum 1s, from which a
+    reinstalled companion restores)."""
+    served = {r.name: r.root for r in config.hosted
+              if r.backend == "cvmfs-native" and r.root is not None}
+    for repo in replicas_here(config):
+        assert repo.replica is not None
+        served.setdefault(repo.name, repo.replica)
+    return served
 
 
 def make_stratum0_app(repositories: Mapping[str, Path], *, base: str = "/cvmfs") -> WsgiApp:
@@ -147,9 +155,10 @@ def _info(roots: Mapping[str, Path], which: str) -> bytes:
 
 
 def with_stratum0(app: WsgiApp, config: Config) -> WsgiApp:
-    """``app``, plus the cvmfs-native repositories hosted here served below ``/cvmfs/``.
+    """``app``, plus the cvmfs-native repositories hosted or replicated here served below
+    ``/cvmfs/``.
 
-    Returns ``app`` itself when this server hosts no cvmfs-native repository.
+    Returns ``app`` itself when this server serves no cvmfs-native repository.
     """
     repositories = stratum0_repositories(config)
     if not repositories:

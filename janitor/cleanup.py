@@ -63,6 +63,7 @@ from publisher.repositories.catalog import Catalog
 from spool import Spool
 from userpub.config import Config
 from userpub.locks import transaction_lock_path
+from userpub.peers import PeerClient
 
 log = logging.getLogger("userpub.janitor")
 
@@ -184,6 +185,30 @@ def check_readable(catalog: Catalog) -> None:
             raise UnreadableError(reader.name, reason)
 
 
+class StaleReplicaError(CleanupError):
+    """A copy the judgement needs is too old: this cleanup waits for it (nothing removed)."""
+
+
+def check_fresh(catalog: Catalog, max_age: float) -> None:
+    """StaleReplicaError when a replica has not been refreshed within ``max_age`` seconds: its stamps
+    may miss the newest uses, so no age is judged on it."""
+    for reader in catalog.readers:
+        age = reader.staleness()
+        if age is not None and age > max_age:
+            when = "never pulled" if age == float("inf") else f"last refreshed {age:.0f} s ago"
+            raise StaleReplicaError(f"replica {reader.name} is {when} (more than "
+                            f"replica_max_age_seconds = {max_age:.0f}): removing nothing until "
+                            "it is fresh")
+
+
+def peers_last_use(config: Config) -> Callable[[list[str]], dict[str, float]]:
+    """The newest use the peers know of each CID (nothing without peers or an [ingest]
+    section, whose host certificate the peer calls need)."""
+    client = PeerClient.from_config(config, timeout=max(config.pair.timeout, 30.0),
+                                    cache_seconds=0.0)
+    return client.last_use if client is not None else lambda cids: {}
+
+
 def clean(config: Config, repo_name: str, *, as_of: float | None = None,
           clock: Callable[[], float] = time.time, should_stop: Callable[[], bool] = _never,
           progress: Callable[[int, int], None] | None = None,
@@ -212,8 +237,10 @@ def clean(config: Config, repo_name: str, *, as_of: float | None = None,
     locked_at = time.monotonic()
     try:
         log.info("%s: cleanup started (holding %s)", repo_name, lock.lock_file)
+        check_fresh(catalog, config.pair.replica_max_age_seconds)
         result = _clean_locked(repository, catalog, config.janitor.max_days, as_of, clock,
-                               should_stop, progress, PendingRequests(Spool(config.server.spool)))
+                               should_stop, progress, PendingRequests(Spool(config.server.spool)),
+                               peers_last_use(config))
         if result.completed and repository.gc_needs_lock:
             _collect_garbage(repository)
     finally:
@@ -251,7 +278,9 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                   as_of: float | None, clock: Callable[[], float],
                   should_stop: Callable[[], bool],
                   progress: Callable[[int, int], None] | None,
-                  pending: Callable[[str], bool]) -> CleanupResult:
+                  pending: Callable[[str], bool],
+                  elsewhere: Callable[[list[str]], dict[str, float]] = lambda cids: {}
+                  ) -> CleanupResult:
     name = repository.name
     check_readable(catalog)  # before recover(), which writes: never into what is not mounted
     repository.recover()
@@ -260,6 +289,7 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
               max_days=max_days, not_after=scan_started, pending=pending)
     log.info("%s: %d of %d CIDs unused since %s; %d orphan stamps", name, len(j.expired),
              j.scanned, iso_time(j.cutoff), len(j.orphan_stamps))
+    used_elsewhere = elsewhere([item.cid for item in j.expired]) if j.expired else {}
     cids = stamps = freed = spared = 0
     completed = True
     removed: list[str] = []
@@ -269,7 +299,12 @@ def _clean_locked(repository: Repository, catalog: Catalog, max_days: float,
                 completed = False
                 break
             last = catalog.last_access(item.cid)
-            if last is not None and not j.is_expired(last):
+            peer_use = used_elsewhere.get(item.cid)
+            if peer_use is not None and not j.is_expired(peer_use):
+                spared += 1
+                log.info("%s: kept %s: a peer saw it used at %s", name, item.cid,
+                         iso_time(peer_use))
+            elif last is not None and not j.is_expired(last):
                 spared += 1
                 log.info("%s: kept %s: used at %s, after the scan began", name, item.cid,
                          iso_time(last))
@@ -322,10 +357,15 @@ def preview(config: Config, repo_name: str, *, as_of: float | None = None,
     reader = open_reader(config, config.repository(repo_name))
     catalog = Catalog.from_config(config)
     check_readable(catalog)
+    check_fresh(catalog, config.pair.replica_max_age_seconds)
     now = clock()
     spool = Spool(config.server.spool)
     j = judge(reader, catalog, as_of=now if as_of is None else as_of,
               max_days=config.janitor.max_days, not_after=now, pending=PendingRequests(spool))
+    if j.expired:  # as a cleanup would: a peer may know of a newer use
+        used = peers_last_use(config)([e.cid for e in j.expired])
+        j = replace(j, expired=tuple(e for e in j.expired
+                                     if used.get(e.cid) is None or j.is_expired(used[e.cid])))
     sizes = {e.cid: reader.size_of(e.cid) for e in j.expired}
     if not include_spool:
         return Preview(j, sizes)

@@ -18,6 +18,7 @@ from typing import TextIO
 from janitor.cleanup import (
     CleanupError,
     CleanupResult,
+    StaleReplicaError,
     UnreadableError,
     clean,
     format_preview,
@@ -158,6 +159,13 @@ class Janitor:
         try:
             result = self.clean_fn(self.config, name, clock=self.clock,
                                    should_stop=lambda: self.waker.stopped)
+        except StaleReplicaError as err:
+            self.retry_at[name] = now + self.retry_seconds
+            self.metrics.runs.labels(name, "skipped").inc()
+            self.metrics.skipped.labels(name, "stale_replica").inc()
+            log.warning("%s: cleanup skipped: %s; trying again in %.0f s", name, err,
+                        self.retry_seconds)
+            return
         except UnreadableError as err:
             if err.repository in self.hosted and \
                     time.monotonic() - self.started < self.startup_grace:

@@ -5,6 +5,8 @@ from metrics.definitions import (
     IngestMetrics,
     JanitorMetrics,
     PublisherMetrics,
+    ReplicaCollector,
+    ReplicatorMetrics,
     SpoolCollector,
     daemon_registry,
     register_build_info,
@@ -12,5 +14,5 @@ from metrics.definitions import (
 from metrics.exporter import MetricsServer, serve_metrics, write_textfile
 
 __all__ = ["LATENCY_BUCKETS", "IngestMetrics", "JanitorMetrics", "MetricsServer",
-           "PublisherMetrics", "SpoolCollector", "daemon_registry", "register_build_info",
-           "serve_metrics", "write_textfile"]
+           "PublisherMetrics", "ReplicaCollector", "ReplicatorMetrics", "SpoolCollector",
+           "daemon_registry", "register_build_info", "serve_metrics", "write_textfile"]

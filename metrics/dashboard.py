@@ -89,6 +89,15 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("Publisher lock held", "short", "stat", [
         ("{{repository}}", f"max by (repository) (userpub_publisher_lock_held{{{REPO}}})"),
     ]),
+    ("Replicas: time since the last successful pull", "s", "timeseries", [
+        ("{{repository}} on {{instance}}",
+         f"max by (repository, instance) (userpub_replica_age_seconds{{{REPO}}})"),
+    ]),
+    ("Replicas: pulls per minute", "short", "timeseries", [
+        ("{{repository}} {{result}}", f"sum by (repository, result) "
+                                      f"(rate(userpub_replica_pulls_total{{{REPO}}}"
+                                      f"[$__rate_interval])) * 60"),
+    ]),
 ]
 
 

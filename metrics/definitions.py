@@ -119,9 +119,67 @@ class JanitorMetrics:
         self.duration = Gauge("userpub_cleanup_duration_seconds",
                               "Duration of the last cleanup run.", ["repository"],
                               registry=registry)
+        self.skipped = Counter("userpub_cleanup_skipped", "Cleanups skipped, by repository "
+                               "and reason (stale_replica: a replica too old to judge ages on).",
+                               ["repository", "reason"], registry=registry)
         self.last_success = Gauge("userpub_cleanup_last_success_timestamp_seconds",
                                   "Unix time of the last successful cleanup.", ["repository"],
                                   registry=registry)
+
+
+class ReplicatorMetrics:
+    """Metrics of ``userpub replicator`` (revision and age: :class:`ReplicaCollector`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        register_build_info(registry, "replicator")
+        self.pulls = Counter("userpub_replica_pulls",
+                             "Pulls of a replica from its origin, by result (changed, unchanged, "
+                             "failed).", ["repository", "result"], registry=registry)
+        self.fetched_bytes = Counter("userpub_replica_fetched_bytes",
+                                     "Bytes received from the origin (objects and letters).",
+                                     ["repository"], registry=registry)
+        self.fetched_objects = Counter("userpub_replica_fetched_objects",
+                                       "Objects fetched from the origin (catalogs included).",
+                                       ["repository"], registry=registry)
+        self.pull_seconds = Histogram("userpub_replica_pull_duration_seconds",
+                                      "Duration of one pull (also when nothing changed).",
+                                      ["repository"], buckets=DURATION_BUCKETS,
+                                      registry=registry)
+        self.gc_removed = Counter("userpub_replica_gc_removed_objects",
+                                  "Objects the replica's garbage collection deleted.",
+                                  ["repository"], registry=registry)
+        self.gc_freed = Counter("userpub_replica_gc_freed_bytes",
+                                "Bytes the replica's garbage collection freed.", ["repository"],
+                                registry=registry)
+
+
+class ReplicaCollector(Collector):
+    """Revision and age of every replica, read from their records at scrape time.
+
+    ``read()`` returns ``{repository: (revision, unix time of the last successful pull)}`` for
+    the replicas pulled at least once (the replica's record; metrics does not import it), so the
+    age keeps growing when pulls fail or the replicator hangs.
+    """
+
+    def __init__(self, read: Callable[[], Mapping[str, tuple[int, float]]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.read = read
+        self.clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield ``userpub_replica_revision`` and ``userpub_replica_age_seconds``."""
+        now = self.clock()
+        records = self.read()
+        revision = GaugeMetricFamily("userpub_replica_revision",
+                                     "Revision the replica serves.", labels=["repository"])
+        age = GaugeMetricFamily("userpub_replica_age_seconds",
+                                "Seconds since the replica's last successful pull.",
+                                labels=["repository"])
+        for name, (rev, last) in sorted(records.items()):
+            revision.add_metric([name], rev)
+            age.add_metric([name], max(0.0, now - last))
+        yield revision
+        yield age
 
 
 class QueueDepth(Protocol):

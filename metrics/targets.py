@@ -27,7 +27,8 @@ def _reachable(host: str, port: int) -> str:
 
 
 def scrape_targets(config: Config) -> list[Target]:
-    """ingest (its plain-HTTP listener), one publisher per hosted repository, the janitor."""
+    """ingest (its plain-HTTP listener), one publisher per hosted repository, the janitor, and
+    the replicator where this host keeps cvmfs-native replicas."""
     targets: list[Target] = []
     if config.ingest is not None and config.ingest.http_listen:
         targets.append(Target("userpub-ingest", _reachable(*split_address(config.ingest.http_listen))))
@@ -38,6 +39,10 @@ def scrape_targets(config: Config) -> list[Target]:
     host, port = split_address(config.metrics.janitor_listen)
     if port and config.hosted:
         targets.append(Target("userpub-janitor", _reachable(host, port)))
+    host, port = split_address(config.metrics.replicator_listen)
+    if port and any(r.replica is not None and r.backend == "cvmfs-native"
+                    and not r.is_hosted_on(config.server.name) for r in config.repositories):
+        targets.append(Target("userpub-replicator", _reachable(host, port)))
     return targets
 
 

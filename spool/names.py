@@ -7,12 +7,20 @@ still being written.
 
 from __future__ import annotations
 
+import enum
 import string
 
 from userpub_client.cid import InvalidCid, validate_cid
 
-__all__ = ["IGNORED_SUFFIXES", "TAR_SUFFIXES", "decode_name", "encode_name", "is_ignored_name",
-           "split_tar_suffix"]
+__all__ = [
+    "IGNORED_SUFFIXES",
+    "TAR_SUFFIXES",
+    "Kind",
+    "decode_name",
+    "encode_name",
+    "is_ignored_name",
+    "split_tar_suffix",
+]
 
 # Characters kept as they are in spool names; everything else is percent-encoded.
 _NAME_SAFE = frozenset(string.ascii_letters + string.digits + "-_.+=,~")
@@ -21,6 +29,13 @@ TAR_SUFFIXES = (
     ".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar",
     ".tgz", ".tbz2", ".tbz", ".txz", ".tzst",
 )
+
+
+class Kind(enum.StrEnum):
+    """What an entry asks for."""
+
+    PUBLISH = "publish"
+    STAMP = "stamp"
 
 
 def encode_name(cid: str) -> str:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from spool.names import decode_name, encode_name, is_ignored_name, split_tar_suffix
+from spool.digest import CidMismatch, cid_mismatch
+from spool.names import Kind, decode_name, encode_name, is_ignored_name, split_tar_suffix
 from userpub.checks import directory_problem
 from userpub.fsutil import fsync_dir, remove_tree, rename_noreplace, unique_id
 from userpub_client.cid import InvalidCid, cid_digest, validate_cid
@@ -36,13 +37,6 @@ NAME_MAX = 255  # bytes in one file name (Linux filesystems)
 PAYLOAD = "payload"
 META = "meta.json"
 REASON = "reason.json"
-
-
-class Kind(enum.StrEnum):
-    """What an entry asks for."""
-
-    PUBLISH = "publish"
-    STAMP = "stamp"
 
 
 class DropResult(enum.Enum):
@@ -104,36 +98,6 @@ class Depth:
 
 class BadEntry(Exception):  # noqa: N818 (an entry that is bad, as operators say)
     """An entry whose name or metadata cannot be understood; it belongs in failed/."""
-
-
-class CidMismatch(ValueError):  # noqa: N818 (reads as the answer)
-    """A CID naming a hash its tarball does not have (someone else's CID); one line."""
-
-
-def cid_mismatch(algorithm: str, named: str, actual: str) -> str:
-    """The one-line reason of a CID whose named hash is not its tarball's."""
-    return f"cid names {algorithm} {named} but the tarball's {algorithm} is {actual}"
-
-
-def check_payload_digest(entry: Entry) -> None:
-    """CidMismatch when ``entry``'s CID names a hash its payload has not.
-
-    Uses the digest recorded when the entry was written (ingest, ``userpub drop``), else
-    computes it from the payload (a tarball an operator moved in by hand).
-    """
-    named = cid_digest(entry.cid)
-    if named is None or entry.kind is not Kind.PUBLISH:
-        return
-    algorithm, expected = named
-    actual = entry.digests.get(algorithm)
-    if actual is None:
-        hasher = hashlib.new(algorithm)
-        with entry.payload.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                hasher.update(chunk)
-        actual = hasher.hexdigest()
-    if actual != expected:
-        raise CidMismatch(cid_mismatch(algorithm, expected, actual))
 
 
 def entry_name(cid: str, kind: Kind) -> str:

@@ -47,6 +47,35 @@ def swissknife(*args: str, stdin: bytes = b"") -> bytes:
                           capture_output=True, check=True, env=env, timeout=120).stdout
 
 
+def _swissknife_run(args: list[str]) -> str:
+    """Run ``cvmfs_swissknife`` (skip without the tools); assert exit 0; stdout + stderr."""
+    tools = genuine_tools()
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tools / "lib"))
+    done = subprocess.run([str(tools / "bin" / "cvmfs_swissknife"), *args], capture_output=True,
+                          text=True, timeout=300, env=env, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-2000:]
+    return output
+
+
+def genuine_check(repository: str | Path, scratch: Path, *, fqrn: str | None = None,
+                  key: Path | None = None) -> str:
+    """``cvmfs_swissknife check -c`` of a directory or URL (signatures too for a URL, with
+    ``fqrn`` and ``key``); assert it finds no problem and return its output."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    argv = ["check", "-c", "-r", str(repository), "-t", str(scratch)]
+    if fqrn is not None and key is not None:
+        argv += ["-N", fqrn, "-k", str(key)]
+    output = _swissknife_run(argv)
+    assert "no problems found" in output, output[-2000:]
+    return output
+
+
+def genuine_scrub(data: Path) -> None:
+    """``cvmfs_swissknife scrub`` of a ``data/`` directory: every object's name is its hash."""
+    _swissknife_run(["scrub", "-r", str(data)])
+
+
 def library_dir(tools: Path, work: Path) -> Path:
     """The tools' ``lib/`` with its ``.so`` links as real symbolic links.
 

@@ -62,6 +62,7 @@ durable = false
 [metrics]
 publisher_listen = "127.0.0.1:0"
 janitor_listen = "127.0.0.1:0"
+replicator_listen = "127.0.0.1:0"
 {extra}
 """ + "".join(blocks)
     path = directory / "userpub.toml"

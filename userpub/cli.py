@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from userpub import __version__
 from userpub.config import Config, ConfigError, load_config, resolve_config_path
@@ -129,6 +130,59 @@ def cmd_janitor(args: argparse.Namespace) -> int:
             write_textfile(registry, Path(args.metrics_textfile))
 
 
+def cmd_replicator(args: argparse.Namespace) -> int:
+    """Keep this host's replicas fresh: pull each from its origin every replica_interval."""
+    from prometheus_client import CollectorRegistry
+
+    from metrics import ReplicaCollector, ReplicatorMetrics, serve_metrics, write_textfile
+    from publisher.replicator import Replicator, freshness_records
+    from userpub.config import split_address
+
+    config = _config(args)
+    registry = CollectorRegistry()
+    metrics = ReplicatorMetrics(registry)
+    registry.register(ReplicaCollector(lambda: freshness_records(config)))
+    waker = Waker()
+    install_signal_handlers(waker)
+    daemon = Replicator(config, metrics, waker, only=args.repo, threads=args.threads)
+    server = None
+    address = config.metrics.replicator_listen
+    if split_address(address)[1] and not args.once:
+        try:
+            server = serve_metrics(registry, address)
+        except OSError as err:
+            raise Fatal(f"cannot serve metrics on {address}: {err.strerror}") from None
+    try:
+        run_daemon(daemon, waker, once=args.once)
+    finally:
+        if server is not None:
+            server.close()
+        if args.metrics_textfile:
+            write_textfile(registry, Path(args.metrics_textfile))
+    return 1 if args.once and daemon.failed else 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Rebuild a lost cvmfs-native repository hosted here from the companion's replica."""
+    from publisher.repositories.cvmfs_native.restore import restore_repository
+
+    config = _config(args)
+    try:
+        repo = config.repository(args.repo)
+    except KeyError:
+        raise Fatal(f"repository {args.repo!r} is not configured") from None
+    source = args.source
+    if "://" not in source:  # a peer's name: its stratum0 serves its replicas
+        try:
+            source = config.peer(source).stratum0
+        except KeyError:
+            raise Fatal(f"--from {source!r} is neither a URL nor a [[peer]] name") from None
+        if not source:
+            raise Fatal(f"peer {args.source} has no stratum0 URL to restore from")
+    print(restore_repository(config, repo, source, threads=args.threads).describe())
+    return 0
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     """Serve the HTTPS publication API (and the plain-HTTP ping/config/metrics listener)."""
     from ingest.server import run_ingest
@@ -171,12 +225,18 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print where a CID stands: PRESENT:<path>, QUEUED, PUBLISHING, FAILED:<reason>, MISSING;
-    exit with the client's codes (3 MISSING, 6 FAILED)."""
+    exit with the client's codes (3 MISSING, 6 FAILED). Without a CID: one line per
+    repository (role, revision, replica freshness)."""
     from publisher.repositories.catalog import Catalog
     from spool import Spool, State
     from userpub_client.cli import Exit
 
     config = _config(args)
+    if args.cid is None:
+        from publisher.repositories.overview import repository_lines
+
+        print("\n".join(repository_lines(config)))
+        return Exit.OK
     cid = normalize_cid(args.cid)
     status = Spool(config.server.spool).status(cid)
     if status.state is State.QUEUED:
@@ -316,6 +376,29 @@ def cmd_cat(args: argparse.Namespace) -> int:
         raise Fatal(str(err)) from None
 
 
+def cmd_initrepos(args: argparse.Namespace) -> int:
+    """Create this host's cvmfs-server repositories and replicas (what is missing)."""
+    import logging as logging_module
+    import shutil
+
+    from publisher.repositories.cvmfs_server.setup import init_repositories
+    from publisher.repositories.cvmfs_server.subprocess_log import run_command
+
+    config = _config(args)
+    program = shutil.which("cvmfs_server")
+    if program is None:
+        raise Fatal("cvmfs_server not found on PATH (install cvmfs-server)")
+    logger = logging_module.getLogger("userpub.repository.cvmfs_server")
+
+    def run(argv: Sequence[str]) -> Any:
+        return run_command([program, *argv], timeout=args.timeout, log=logger)
+
+    for line in init_repositories(config, run, etc=Path(args.etc), srv=Path(args.srv),
+                                  owner=args.owner, keys=Path(args.keys)):
+        print(line)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """Create the master key, repository key and certificate of a cvmfs-native repository."""
     from publisher.repositories.cvmfs_native import KeysError, init_keys, key_files
@@ -392,13 +475,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--as-of", help="judge ages as if it were this ISO 8601 time")
     p.add_argument("--once", action="store_true", help="run what the rota has due, then exit")
     p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
+    p = add("replicator", cmd_replicator, "keep this host's replicas fresh (stratum-1 pulls)")
+    p.add_argument("--repo", help="pull only this replica")
+    p.add_argument("--once", action="store_true", help="pull each replica once, then exit")
+    p.add_argument("--threads", type=int, default=4, help="parallel fetches (default 4)")
+    p.add_argument("--metrics-textfile", help="write metrics to this file on exit")
+    p = add("restore", cmd_restore, "rebuild a lost repository from the companion's replica")
+    p.add_argument("--from", dest="source", required=True, metavar="PEER|URL",
+                   help="a [[peer]] name, or the replica's URL "
+                        "http://<companion>:<port>/cvmfs[/<repo>]")
+    p.add_argument("--threads", type=int, default=4, help="parallel fetches (default 4)")
+    p.add_argument("repo", help="repository name (published by this server)")
     p = add("ingest", cmd_ingest, "serve the HTTPS publication API")
     p.add_argument("--ready-file", help="write the bound addresses here (JSON) once serving")
     p = add("drop", cmd_drop, "queue a tarball for publication (atomic)")
     p.add_argument("tarball")
     p.add_argument("--cid", help="content ID (default: the tarball's sha256)")
-    p = add("status", cmd_status, "where a CID stands")
-    p.add_argument("cid")
+    p = add("status", cmd_status, "where a CID stands (without one: every repository)")
+    p.add_argument("cid", nargs="?")
     add("check-config", cmd_check_config,
         "validate the configuration and run every daemon's startup checks (changes nothing)")
     add("run", cmd_run, "start all daemons of this host under one supervisor")
@@ -417,6 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     cvmfs_commands.add_verify_arguments(add("verify", cmd_verify, "verify a CVMFS repository"))
     cvmfs_commands.add_ls_arguments(add("ls", cmd_ls, "list a directory of a CVMFS repository"))
     cvmfs_commands.add_cat_arguments(add("cat", cmd_cat, "print a file of a CVMFS repository"))
+    p = add("initrepos", cmd_initrepos,
+            "create this host's cvmfs-server repositories and replicas (what is missing)")
+    p.add_argument("--owner", default="root", help="the user owning the repositories")
+    p.add_argument("--etc", default="/etc/cvmfs", help="cvmfs_server's configuration directory")
+    p.add_argument("--srv", default="/srv/cvmfs", help="where cvmfs_server stores repositories")
+    p.add_argument("--keys", default="/etc/cvmfs/keys", help="the peers' master public keys")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per command")
     p = add("keys", cmd_keys, "keys of a cvmfs-native repository (init: create them)")
     p.add_argument("action", choices=["init"])
     p.add_argument("repo", help="repository name")

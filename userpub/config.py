@@ -14,17 +14,20 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from userpub.pair import PairConfig, PeerConfig, parse_pair, url_problem
+from userpub.toml_section import Section, name_problem, split_address
+
+__all__ = ["BACKENDS", "Config", "ConfigError", "IngestConfig", "JanitorConfig", "MetricsConfig",
+           "PublisherConfig", "RepositoryConfig", "ServerConfig", "load_config", "parse_config",
+           "resolve_config_path", "split_address"]
 
 DEFAULT_CONFIG_PATH = Path("/etc/userpub/userpub.toml")
 BACKENDS = ("local", "cvmfs-server", "cvmfs-native")
 GIB = 1024**3
-
-T = TypeVar("T")
-
 
 class ConfigError(Exception):
     """The configuration is unusable; ``problems`` holds one line per problem."""
@@ -43,6 +46,7 @@ class ServerConfig:
     state: Path = Path("/var/lib/userpub")
     prefix: str = "sw"
     stamps: str = "ts"
+    replica_interval: float = 15.0  # seconds between two pulls of each replica kept here
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class RepositoryConfig:
     whitelist_days: int = 30  # cvmfs-native: lifetime of a signed whitelist
     gc_keep_hours: float = 24.0  # cvmfs-native: gc keeps revisions younger than this
     create: bool = False  # the publisher may make a missing root (examples and tests only)
+    origin: str | None = None  # replica: the origin's stratum-0 URL (default: its peer's)
+    master_key: Path | None = None  # replica: the origin's master public key
 
     def is_hosted_on(self, server_name: str) -> bool:
         """True when the server named ``server_name`` publishes into this repository."""
@@ -141,6 +147,7 @@ class MetricsConfig:
 
     publisher_listen: str = "127.0.0.1:9461"
     janitor_listen: str = "127.0.0.1:9460"
+    replicator_listen: str = "127.0.0.1:9459"
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,19 @@ class Config:
     ingest: IngestConfig | None = None
     janitor: JanitorConfig = field(default_factory=JanitorConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    peers: tuple[PeerConfig, ...] = ()  # the other servers of the site
+
+    def peer(self, name: str) -> PeerConfig:
+        """The peer called ``name``; KeyError if there is none."""
+        for peer in self.peers:
+            if peer.name == name:
+                return peer
+        raise KeyError(name)
+
+    def trusted_peer(self, dn: str) -> PeerConfig | None:
+        """The peer whose host certificate has the subject ``dn``, if any."""
+        return next((p for p in self.peers if p.dn and p.dn == dn), None)
 
     def repository(self, name: str) -> RepositoryConfig:
         """The repository called ``name``; KeyError if there is none."""
@@ -173,150 +193,24 @@ class Config:
         return self.server.state / "locks"
 
 
-def split_address(value: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` too) into its parts; ValueError if malformed."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{value!r} is not host:port")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (a server listens on all interfaces)
-
-
-class _Section:
-    """Typed reads from one TOML table, collecting problems instead of raising at once."""
-
-    def __init__(self, table: Any, where: str, base: Path, problems: list[str]) -> None:
-        self.where = where
-        self.base = base
-        self.problems = problems
-        if not isinstance(table, dict):
-            problems.append(f"{where}: must be a table")
-            table = {}
-        self.table: dict[str, Any] = table
-        self.seen: set[str] = set()
-
-    def _get(self, key: str, kind: type | tuple[type, ...], default: T, label: str) -> T:
-        self.seen.add(key)
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            self.problems.append(f"{self.where}.{key}: expected {label}, got a boolean")
-            return default
-        if not isinstance(value, kind):
-            self.problems.append(f"{self.where}.{key}: expected {label}, got {value!r}")
-            return default
-        return value  # type: ignore[return-value]
-
-    def string(
-        self, key: str, default: str, check: Callable[[str], str | None] | None = None
-    ) -> str:
-        value = self._get(key, str, default, "a string")
-        if check is not None and key in self.table:
-            problem = check(value)
-            if problem:
-                self.problems.append(f"{self.where}.{key}: {problem}")
-        return value
-
-    def required(self, key: str) -> str:
-        if key not in self.table:
-            self.problems.append(f"{self.where}.{key}: missing (required)")
-            self.seen.add(key)
-            return ""
-        return self.string(key, "")
-
-    def integer(self, key: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-        value = self._get(key, int, default, "an integer")
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and at most {maximum}" if maximum is not None else ""
-            self.problems.append(f"{self.where}.{key}: must be at least {minimum}{upper}")
-            return default
-        return value
-
-    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
-        value = float(self._get(key, (int, float), default, "a number"))
-        if value < minimum:
-            self.problems.append(f"{self.where}.{key}: must be at least {minimum}")
-            return default
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        return self._get(key, bool, default, "true or false")
-
-    def path(self, key: str, default: Path | None) -> Path | None:
-        if key not in self.table:
-            self.seen.add(key)
-            return default
-        value = self.string(key, "")
-        if not value:
-            self.problems.append(f"{self.where}.{key}: must not be empty")
-            return default
-        return (self.base / Path(value).expanduser()).resolve() if value else default
-
-    def address(self, key: str, default: str) -> str:
-        return self.string(key, default, _address_problem)
-
-    def strings(self, key: str) -> tuple[str, ...]:
-        value: list[Any] = self._get(key, list, [], "a list of strings")
-        if not all(isinstance(v, str) and v for v in value):
-            self.problems.append(f"{self.where}.{key}: expected a list of non-empty strings")
-            return ()
-        return tuple(value)
-
-    def paths_by_name(self, key: str) -> tuple[tuple[str, Path], ...]:
-        """A table of name -> path (paths relative to the configuration file)."""
-        value: dict[str, Any] = self._get(key, dict, {}, "a table of name = \"path\"")
-        if not all(isinstance(v, str) and v for v in value.values()):
-            self.problems.append(f"{self.where}.{key}: every value must be a non-empty path")
-            return ()
-        return tuple((name, (self.base / Path(v).expanduser()).resolve())
-                     for name, v in value.items())
-
-    def lists_by_name(self, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        """A table of name -> non-empty list of non-empty strings."""
-        value: dict[str, Any] = self._get(key, dict, {}, 'a table of name = ["...", ...]')
-        if not all(isinstance(v, list) and v and all(isinstance(s, str) and s for s in v)
-                   for v in value.values()):
-            self.problems.append(f"{self.where}.{key}: every value must be a non-empty list of "
-                                 "non-empty strings")
-            return ()
-        return tuple((name, tuple(v)) for name, v in value.items())
-
-    def finish(self) -> None:
-        for key in sorted(set(self.table) - self.seen):
-            self.problems.append(f"{self.where}: unknown key {key!r}")
-
-
-def _address_problem(value: str) -> str | None:
-    try:
-        split_address(value)
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-def _name_problem(value: str) -> str | None:
-    if not value or "/" in value or value.startswith(".") or any(c.isspace() for c in value):
-        return f"{value!r} is not a usable name (no '/', whitespace or leading '.')"
-    return None
-
-
-def _parse_server(sec: _Section) -> ServerConfig:
-    name = sec.string("name", socket.gethostname().split(".")[0], _name_problem)
+def _parse_server(sec: Section) -> ServerConfig:
+    name = sec.string("name", socket.gethostname().split(".")[0], name_problem)
     spool = sec.path("spool", (sec.base / ServerConfig.spool).resolve())
     state = sec.path("state", (sec.base / ServerConfig.state).resolve())
-    prefix = sec.string("prefix", "sw", _name_problem)
-    stamps = sec.string("stamps", "ts", _name_problem)
+    prefix = sec.string("prefix", "sw", name_problem)
+    stamps = sec.string("stamps", "ts", name_problem)
     if prefix == stamps:
         sec.problems.append(f"{sec.where}: prefix and stamps must differ")
+    interval = sec.number("replica_interval", ServerConfig.replica_interval, minimum=1.0)
     sec.finish()
     assert spool is not None and state is not None
-    return ServerConfig(name=name, spool=spool, state=state, prefix=prefix, stamps=stamps)
+    return ServerConfig(name=name, spool=spool, state=state, prefix=prefix, stamps=stamps,
+                        replica_interval=interval)
 
 
-def _parse_repository(sec: _Section) -> RepositoryConfig:
+def _parse_repository(sec: Section) -> RepositoryConfig:
     name = sec.required("name")
-    if name and (problem := _name_problem(name)):
+    if name and (problem := name_problem(name)):
         sec.problems.append(f"{sec.where}.name: {problem}")
     host = sec.required("host")
     backend = sec.string("backend", "local")
@@ -333,22 +227,28 @@ def _parse_repository(sec: _Section) -> RepositoryConfig:
     whitelist_days = sec.integer("whitelist_days", 30, minimum=1, maximum=3650)
     gc_keep_hours = sec.number("gc_keep_hours", 24.0)
     create = sec.boolean("create", False)
+    origin = sec.string("origin", "", url_problem) or None
+    master_key = sec.path("master_key", None)
+    for key in ("origin", "master_key"):
+        if key in sec.table and replica is None:
+            sec.problems.append(f"{sec.where}.{key}: only for a repository with a replica")
     if create and backend == "cvmfs-server":
         sec.problems.append(f"{sec.where}.create: not for the cvmfs-server backend "
                             "(cvmfs_server mkfs makes the repository)")
     if not mount.startswith("/"):
         sec.problems.append(f"{sec.where}.mount: {mount!r} must be an absolute path")
-    if backend in ("local", "cvmfs-native") and root is None:
-        sec.problems.append(f"{sec.where}.root: required by the {backend} backend")
+    if backend == "local" and root is None:
+        sec.problems.append(f"{sec.where}.root: required by the local backend")
     sec.finish()
     return RepositoryConfig(name=name, host=host, backend=backend, root=root, mount=mount,
                             replica=replica, command_timeout=timeout,
                             cvmfs_ingest=cvmfs_ingest, keys=keys,
                             whitelist_days=whitelist_days, gc_keep_hours=gc_keep_hours,
-                            create=create)
+                            create=create, origin=origin, master_key=master_key)
 
 
-def _parse_publisher(sec: _Section) -> PublisherConfig:
+
+def _parse_publisher(sec: Section) -> PublisherConfig:
     d = PublisherConfig()
     observer = sec.string("observer", d.observer)
     if observer not in ("inotify", "polling"):
@@ -367,7 +267,7 @@ def _parse_publisher(sec: _Section) -> PublisherConfig:
     return cfg
 
 
-def _parse_ingest(sec: _Section) -> IngestConfig:
+def _parse_ingest(sec: Section) -> IngestConfig:
     d = IngestConfig()
     http_listen = sec.address("http_listen", "") or None
     cfg = IngestConfig(
@@ -420,7 +320,7 @@ def _parse_ingest(sec: _Section) -> IngestConfig:
     return cfg
 
 
-def _parse_janitor(sec: _Section) -> JanitorConfig:
+def _parse_janitor(sec: Section) -> JanitorConfig:
     d = JanitorConfig()
     cfg = JanitorConfig(
         start_hour=sec.integer("start_hour", d.start_hour, minimum=0, maximum=23),
@@ -432,11 +332,12 @@ def _parse_janitor(sec: _Section) -> JanitorConfig:
     return cfg
 
 
-def _parse_metrics(sec: _Section) -> MetricsConfig:
+def _parse_metrics(sec: Section) -> MetricsConfig:
     d = MetricsConfig()
     cfg = MetricsConfig(
         publisher_listen=sec.address("publisher_listen", d.publisher_listen),
         janitor_listen=sec.address("janitor_listen", d.janitor_listen),
+        replicator_listen=sec.address("replicator_listen", d.replicator_listen),
     )
     sec.finish()
     return cfg
@@ -447,10 +348,10 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     problems: list[str] = []
     base = path.parent
 
-    def section(key: str) -> _Section:
-        return _Section(data.get(key, {}), key, base, problems)
+    def section(key: str) -> Section:
+        return Section(data.get(key, {}), key, base, problems)
 
-    known = {"server", "repository", "publisher", "ingest", "janitor", "metrics"}
+    known = {"server", "repository", "publisher", "ingest", "janitor", "metrics", "pair", "peer"}
     problems.extend(f"unknown section [{k}]" for k in sorted(set(data) - known))
     server = _parse_server(section("server"))
     raw_repos = data.get("repository", [])
@@ -458,7 +359,7 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         problems.append("at least one [[repository]] is required")
         raw_repos = []
     repos = tuple(
-        _parse_repository(_Section(r, f"repository[{i + 1}]", base, problems))
+        _parse_repository(Section(r, f"repository[{i + 1}]", base, problems))
         for i, r in enumerate(raw_repos)
     )
     names = [r.name for r in repos]
@@ -467,6 +368,12 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
     roots = [r.root for r in repos if r.root is not None]
     if len(roots) != len(set(roots)):
         problems.append("two repositories share one root directory")
+    problems.extend(f"repository {r.name}: root is required by the cvmfs-native backend where "
+                    "it is published (elsewhere, a root or a replica)" for r in repos
+                    if r.backend == "cvmfs-native" and r.root is None
+                    and (r.is_hosted_on(server.name) or r.replica is None))
+    pair, peers = parse_pair(section("pair"), data.get("peer", []), base, problems, server.name)
+    _check_pair(peers, server.name, repos, problems)
     config = Config(
         path=path,
         server=server,
@@ -475,10 +382,31 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
         ingest=_parse_ingest(section("ingest")) if "ingest" in data else None,
         janitor=_parse_janitor(section("janitor")),
         metrics=_parse_metrics(section("metrics")),
+        pair=pair,
+        peers=peers,
     )
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _check_pair(peers: tuple[PeerConfig, ...], server: str, repos: tuple[RepositoryConfig, ...],
+                problems: list[str]) -> None:
+    """Problems of a pair's repositories: hosts that are no server, backends that cannot pair."""
+    if not peers:
+        return
+    servers = {server} | {p.name for p in peers}
+    for repo in repos:
+        if repo.host not in servers:
+            problems.append(f"repository {repo.name}: host {repo.host!r} is neither this server "
+                            f"nor a [[peer]] ({', '.join(sorted(servers))})")
+        if repo.backend == "local":
+            problems.append(f"repository {repo.name}: a pair needs cvmfs-native (or cvmfs-server) "
+                            "repositories; a local tree has no signed, revisioned state a replica "
+                            "can pull consistently")
+        if not repo.is_hosted_on(server) and repo.host in servers and repo.replica is None:
+            problems.append(f"repository {repo.name}: hosted on {repo.host}, it needs a replica "
+                            "here (replica = \"<directory>\")")
 
 
 def resolve_config_path(explicit: str | None, environ: dict[str, str] | None = None) -> Path:

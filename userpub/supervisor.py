@@ -48,7 +48,9 @@ class ChildSpec:
 
 def plan_children(config: Config, python: str) -> list[ChildSpec]:
     """The daemons of this host: ingest (if configured), one publisher per hosted repository,
-    and the janitor."""
+    the janitor, and the replicator where this host keeps replicas to pull."""
+    from publisher.repositories.replicas import replica_targets, snapshot_replicas
+
     # -P: never put the working directory on sys.path (a directory named spool/ or metrics/
     # there would shadow our packages)
     base = (python, "-P", "-m", "userpub", "--config", str(config.path))
@@ -61,6 +63,8 @@ def plan_children(config: Config, python: str) -> list[ChildSpec]:
     )
     if config.hosted:
         children.append(ChildSpec("janitor", (*base, "janitor"), 1))
+    if replica_targets(config) or snapshot_replicas(config):
+        children.append(ChildSpec("replicator", (*base, "replicator"), 1))
     return children
 
 

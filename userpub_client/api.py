@@ -177,6 +177,10 @@ class RetryPolicy:
         return min(self.max_delay, max(wait, retry_after))
 
 
+#: The original's answer of a server that cannot take requests now: another server may.
+NOT_RUNNING = "Bad request: Service not running"
+
+
 def retriable(status: int) -> bool:
     """5xx (507 included), 408 and 429 are worth another try, elsewhere or later."""
     return status >= 500 or status in (408, 429)
@@ -255,7 +259,7 @@ class PubApi:
             if 200 <= status < 300:
                 return server, text
             reason = text.strip().splitlines()[0][:300] if text.strip() else ""
-            if not retriable(status):
+            if not retriable(status) and reason != NOT_RUNNING:
                 raise RefusedError(server, status, reason)
             errors.append(f"{server} answered {status}: {reason}")
             attempt, retry_due = attempt + 1, True

@@ -61,14 +61,27 @@ def backend_problems(config: Config, repo: RepositoryConfig) -> list[str]:
 def open_reader(config: Config, repo: RepositoryConfig) -> RepositoryReader:
     """The read-only view of any configured repository.
 
-    A replica (``replica = "/cvmfs2/<repo>"``) is read where configured; otherwise the
+    A replica (``replica = "/cvmfs2/<repo>"``) is read where configured: a cvmfs-native one
+    is a stratum 1 read in place by its catalogs, any other a plain tree; its staleness is
+    that of the replicator's record when this host refreshes it; otherwise the
     repository's own tree: ``root`` for the local backend; for cvmfs-server the published
     revision (``root``, default ``/var/spool/cvmfs/<repo>/rdonly``) where hosted here, the
     ``mount`` elsewhere.
     """
     prefix, stamps = config.server.prefix, config.server.stamps
     if repo.replica is not None and not repo.is_hosted_on(config.server.name):
-        return TreeReader(repo.name, repo.replica, prefix, stamps, repo.mount)
+        from publisher.repositories.replicas import replica_staleness
+
+        def staleness() -> float | None:
+            return replica_staleness(config, repo)
+
+        if repo.backend == "cvmfs-native":
+            from publisher.repositories.cvmfs_native import NativeReader
+
+            return NativeReader(repo.name, repo.replica, prefix, stamps, repo.mount,
+                                replica=True, staleness=staleness)
+        return TreeReader(repo.name, repo.replica, prefix, stamps, repo.mount,
+                          staleness=staleness)
     if repo.backend == "local" and repo.root is not None:
         return TreeReader(repo.name, repo.root, prefix, stamps, repo.mount)
     if repo.backend == "cvmfs-native" and repo.root is not None \

@@ -75,6 +75,10 @@ class RepositoryReader(Protocol):
     def size_of(self, cid: str) -> int:
         """Bytes of regular files under ``cid`` (0 if absent)."""
 
+    def staleness(self) -> float | None:
+        """Seconds since this copy last matched its origin (a replica's last successful pull;
+        infinity if it never did); None for the origin itself."""
+
     def unreadable(self) -> str | None:
         """Why this copy cannot be read right now (not mounted, never published into), or
         None. Ages must not be judged on a copy that cannot be read: its stamps count."""

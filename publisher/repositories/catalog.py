@@ -28,6 +28,10 @@ class Catalog:
         """A catalog over every repository of the configuration, in configuration order."""
         return cls([open_reader(config, r) for r in config.repositories])
 
+    def only(self, names: Sequence[str]) -> Catalog:
+        """The catalog of the repositories named (in this catalog's order)."""
+        return Catalog([r for r in self.readers if r.name in names])
+
     def locate(self, cid: str) -> Location | None:
         """The first repository (in configuration order) where ``cid`` is published."""
         for reader in self.readers:

@@ -7,7 +7,7 @@ they all look the same to a reader.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from userpub.fsutil import tree_size
@@ -20,8 +20,10 @@ CATALOG_MARKER = ".cvmfscatalog"
 class TreeReader:
     """Read-only view of a repository laid out as a directory tree."""
 
-    def __init__(self, name: str, root: Path, prefix: str, stamps: str, mount: str) -> None:
+    def __init__(self, name: str, root: Path, prefix: str, stamps: str, mount: str, *,
+                 staleness: Callable[[], float | None] | None = None) -> None:
         self.name = name
+        self._staleness = staleness
         self.root = root
         self.prefix = prefix
         self.stamps_dir = root / stamps
@@ -64,6 +66,11 @@ class TreeReader:
     def visible_path(self, cid: str) -> str:
         """``<mount>/<prefix>/<cid>``."""
         return f"{self.mount}/{self.prefix}/{cid}"
+
+    def staleness(self) -> float | None:
+        """A replica's age as ``staleness`` reports it; None for a tree read in place as its
+        own origin (a shared or mounted directory)."""
+        return self._staleness() if self._staleness is not None else None
 
     def unreadable(self) -> str | None:
         """Why the tree cannot be read (its CID directory is missing), or None."""

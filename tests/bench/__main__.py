@@ -6,7 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = ("bench_publish", "bench_unpack", "bench_janitor", "bench_ingest", "bench_load",
-              "bench_native", "bench_front_door")
+              "bench_native", "bench_front_door", "bench_replication")
 
 
 def main() -> int:

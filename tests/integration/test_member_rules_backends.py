@@ -67,6 +67,7 @@ def backend(request, tmp_path) -> Iterator[Backend]:
     kind = request.param
     if kind == "local":
         root = tmp_path / "repo"
+        root.mkdir()  # the operator makes a repository's root; the publisher never does
         repo = LocalRepository(REPO, root, "sw", "ts", f"/cvmfs/{REPO}", durable=False)
         repo.ensure_layout()
         yield Backend(kind, repo, root)

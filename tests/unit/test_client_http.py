@@ -198,6 +198,21 @@ def test_client_errors_are_final(pki, status, body):
     assert str(status) in str(info.value)
 
 
+def test_a_server_that_cannot_publish_now_sends_the_client_to_another(pki, tmp_path):
+    """The original's "Service not running" (a not-ready server of a pair) is not final."""
+    tarball = tmp_path / "t.tar.gz"
+    tarball.write_bytes(b"x" * 1000)
+    with FakeServer(scripted(Reply(400, "Bad request: Service not running\n")),
+                    server_context(pki)) as resting, \
+            FakeServer(scripted(Reply(body="OK\n")), server_context(pki)) as ready:
+        urls = [resting.url, ready.url]
+        sleeps: list[float] = []
+        api = api_for(urls, pki, seed=seed_starting_with(urls, resting.url, pki), sleeps=sleeps)
+        answer = api.publish(tarball, "g/x")
+    assert (answer.state, str(answer.server)) == ("OK", ready.url)
+    assert sleeps == [0.0] and len(resting.requests) == 1
+
+
 def test_everything_down(pki):
     urls = [refusing_url(), refusing_url()]
     sleeps: list[float] = []

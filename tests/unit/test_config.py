@@ -70,6 +70,17 @@ CASES = [
     ("bad prefix", with_(server={"name": "pub1", "prefix": "a/b"}), "server.prefix"),
     ("relative mount", with_(repository=[{"name": "r", "host": "h", "root": "x", "mount": "cvmfs/r"}]),
      "repository[1].mount: 'cvmfs/r' must be an absolute path"),
+    ("origin not a URL", with_(repository=[{"name": "r", "host": "h", "root": "x", "replica": "y",
+                                            "origin": "pub2:80/cvmfs/r"}]),
+     "repository[1].origin: 'pub2:80/cvmfs/r' is not an http:// or https:// URL"),
+    ("origin without replica", with_(repository=[{"name": "r", "host": "h", "root": "x",
+                                                  "origin": "http://pub2/cvmfs/r"}]),
+     "repository[1].origin: only for a repository with a replica"),
+    ("master key without replica", with_(repository=[{"name": "r", "host": "h", "root": "x",
+                                                      "master_key": "r.pub"}]),
+     "repository[1].master_key: only for a repository with a replica"),
+    ("replica interval", with_(server={"name": "pub1", "replica_interval": 0.5}),
+     "server.replica_interval: must be at least 1.0"),
 ]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from userpub import config as cfg
+from userpub.pair import PairConfig, PeerConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 SECTIONS = {
@@ -19,6 +20,8 @@ SECTIONS = {
     "[ingest]": cfg.IngestConfig,
     "[janitor]": cfg.JanitorConfig,
     "[metrics]": cfg.MetricsConfig,
+    "[pair]": PairConfig,
+    "[[peer]]": PeerConfig,
 }
 
 

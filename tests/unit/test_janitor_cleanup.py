@@ -23,6 +23,7 @@ class MemoryRepository:
     def __init__(self, name: str) -> None:
         self.name = name
         self.unreadable_because: str | None = None
+        self.stale: float | None = None  # None: an origin; seconds: a replica's age
         self.published: dict[str, float] = {}
         self.stamped: dict[str, float] = {}
         self.commits = 0
@@ -53,6 +54,9 @@ class MemoryRepository:
 
     def unreadable(self) -> str | None:
         return self.unreadable_because
+
+    def staleness(self) -> float | None:
+        return self.stale
 
     # writer
     @contextmanager
@@ -205,3 +209,18 @@ def test_gc_runs_under_the_lock_only_when_the_backend_needs_it(config, repos, ne
     a.gc = gc  # type: ignore[method-assign]
     clean(config, REPO1, repository=a, catalog=Catalog([a, b]))
     assert held == [needs_lock]
+
+
+@pytest.mark.parametrize(("age", "words"), [(601.0, "last refreshed 601 s ago"),
+                                            (float("inf"), "never pulled")])
+def test_a_stale_replica_stops_the_cleanup_before_any_removal(config, repos, age, words):
+    from janitor.cleanup import StaleReplicaError
+
+    a, b = repos
+    a.published["old"] = time.time() - 40 * DAY
+    b.stale = age
+    with pytest.raises(StaleReplicaError, match=f"replica repo2.example.org is {words}"):
+        clean(config, REPO1, repository=a, catalog=Catalog([a, b]))
+    assert set(a.published) == {"old"} and a.commits == 0
+    b.stale = 30.0  # fresh enough: the cleanup goes on
+    assert clean(config, REPO1, repository=a, catalog=Catalog([a, b])).cids == 1

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from publisher.repositories.cvmfs_native.catalog import DIR, FILE, LINK, md5path
@@ -64,8 +64,11 @@ class NativeReader:
     """Read-only view of a cvmfs-native repository directory."""
 
     def __init__(self, name: str, root: Path, prefix: str, stamps: str, mount: str,
-                 cache_size: int = 32) -> None:
+                 cache_size: int = 32, *, replica: bool = False,
+                 staleness: Callable[[], float | None] | None = None) -> None:
         self.name = name
+        self.replica = replica
+        self._staleness = staleness
         self.root = root
         self.prefix = prefix
         self.stamps_name = stamps
@@ -79,12 +82,22 @@ class NativeReader:
         self._manifest: Manifest | None = None
         self._is_cid: dict[str, bool] = {}
 
+    def staleness(self) -> float | None:
+        """A replica's age as ``staleness`` reports it; None for the stratum 0 this host
+        writes (the origin itself) or a replica nobody here refreshes."""
+        return self._staleness() if self._staleness is not None else None
+
     def unreadable(self) -> str | None:
         """Why the repository cannot be read (its directory is missing), or None.
 
-        A repository without a published revision yet is readable: it holds nothing.
+        A repository without a published revision yet is readable: it holds nothing. A
+        replica without one is not: it has not been pulled yet, and holds what it lacks.
         """
-        return None if self.root.is_dir() else f"{self.root} is not a directory"
+        if not self.root.is_dir():
+            return f"{self.root} is not a directory"
+        if self.replica and self.manifest() is None:
+            return f"the replica {self.root} has not been pulled yet (no .cvmfspublished)"
+        return None
 
     # -- plumbing -----------------------------------------------------------------------------
     def manifest(self) -> Manifest | None:
