@@ -6,7 +6,7 @@
 # user, or on a system without apt, it installs nothing and says what to run instead.
 set -eu
 packages="$*"
-services="nginx squid prometheus"   # packages whose Debian postinst starts a daemon
+services="nginx squid prometheus haproxy"   # packages whose Debian postinst starts a daemon
 
 if ! command -v dpkg >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: no dpkg/apt-get here (not Debian): install the equivalents of:" \
@@ -39,9 +39,19 @@ if [ ! -e "$policy" ]; then
     chmod 755 "$policy"
     made_policy=yes
 fi
+install_missing() {  # $1: extra apt-get options
+    # shellcheck disable=SC2086
+    apt-get $1 update -qq && DEBIAN_FRONTEND=noninteractive apt-get $1 install -y -qq \
+        --no-install-recommends $missing >/dev/null
+}
 status=0
-{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends $missing >/dev/null; } || status=$?
+install_missing "" || {
+    # In some containers apt's unprivileged download user (_apt) cannot resolve or reach the
+    # mirror; root can: try once more without the sandbox user.
+    echo "system-deps: apt-get failed; retrying without apt's sandbox user (_apt)" >&2
+    status=0
+    install_missing "-o APT::Sandbox::User=root" || status=$?
+}
 if [ -n "$made_policy" ]; then rm -f "$policy"; fi
 [ "$status" -eq 0 ] || { echo "system-deps: apt-get failed ($status)" >&2; exit "$status"; }
 for s in $services; do
